@@ -1,0 +1,146 @@
+"""Pure encoding: results and request payloads to and from JSON bytes, and key digests.
+
+Nothing here touches Redis. Only JSON crosses Redis: never pickle, never an import path.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from dedupcall.errors import SerializationError
+
+KINDS = ("function", "request", "transport")
+
+
+def dumps(value: Any, *, what: str) -> bytes:
+    """Strict JSON (no NaN/Infinity); anything else raises ``SerializationError`` naming ``what``."""
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise SerializationError(f"{what} is not JSON-serializable: {exc}") from exc
+
+
+def loads(raw: bytes | str) -> Any:
+    """Parse JSON bytes read from Redis; malformed data raises ``ValueError``."""
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"malformed JSON: {exc}") from exc
+
+
+def readable_key(key: str | bytes) -> str:
+    """The key as text for humans; bytes that are not UTF-8 are escaped, not lost."""
+    if isinstance(key, bytes):
+        return key.decode("utf-8", "backslashreplace")
+    if not isinstance(key, str):
+        raise SerializationError(f"a key must be str or bytes, got {type(key).__name__}")
+    return key
+
+
+def key_digest(kind: str, key: str | bytes) -> str:
+    """Fixed-length name part for a key: the three kinds never share a flight."""
+    raw = key if isinstance(key, bytes) else readable_key(key).encode("utf-8", "surrogatepass")
+    return hashlib.sha256(kind.encode() + b"\x00" + raw).hexdigest()[:32]
+
+
+def digest(data: bytes) -> str:
+    """A short digest of bytes (bodies, credentials): never the secret itself."""
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def result_record(
+    *,
+    ok: bool,
+    request_id: str,
+    key: str,
+    kind: str,
+    attempts: int,
+    executed_by: str | None,
+    data: Any = None,
+    error_type: str | None = None,
+    message: str | None = None,
+    status_code: int | None = None,
+) -> bytes:
+    """Encode a flight's result. ``data`` must be JSON-serializable."""
+    record: dict[str, Any] = {
+        "ok": ok,
+        "id": request_id,
+        "key": key,
+        "kind": kind,
+        "att": attempts,
+        "by": executed_by,
+        "status": status_code,
+    }
+    if ok:
+        record["data"] = data
+    else:
+        record["err"] = {"type": error_type or "Error", "msg": message or ""}
+        if data is not None:
+            record["data"] = data
+    return dumps(record, what=f"the result for {key!r}")
+
+
+def decode_record(raw: bytes | str) -> dict[str, Any]:
+    """Decode a stored result; a malformed one raises ``ValueError``."""
+    record = loads(raw)
+    if not isinstance(record, dict) or not isinstance(record.get("ok"), bool):
+        raise ValueError("stored result is not a result record")
+    return record
+
+
+# --- queued HTTP requests -------------------------------------------------------------
+
+def encode_body(body: Any) -> dict[str, Any] | None:
+    """A request body as a JSON-safe dict: JSON values as-is, bytes/str as base64 content."""
+    if body is None:
+        return None
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        return {"content": base64.b64encode(bytes(body)).decode()}
+    if isinstance(body, str):
+        return {"content": base64.b64encode(body.encode()).decode()}
+    dumps(body, what="the request body")
+    return {"json": body}
+
+
+def body_bytes(body: Mapping[str, Any] | None) -> bytes:
+    """The bytes that will be sent for an encoded body (for the conflict fingerprint)."""
+    if body is None:
+        return b""
+    if "content" in body:
+        return base64.b64decode(body["content"])
+    return dumps(body["json"], what="the request body")
+
+
+def request_fingerprint(method: str, url: str, headers: Mapping[str, str], body: Mapping[str, Any] | None) -> str:
+    """What makes two queued requests "the same request" for the conflict check."""
+    auth = next((v for k, v in headers.items() if k.lower() == "authorization"), "")
+    parts = [method.upper(), url, digest(body_bytes(body)), digest(auth.encode())]
+    return digest("\x00".join(parts).encode())
+
+
+def encode_request(method: str, url: str, headers: Mapping[str, str], body: Mapping[str, Any] | None) -> bytes:
+    """The payload a worker needs to send a queued request."""
+    return dumps(
+        {"method": method.upper(), "url": url, "headers": dict(headers), "body": body},
+        what="the request",
+    )
+
+
+def decode_request(raw: bytes | str) -> tuple[str, str, dict[str, str], dict[str, Any] | None]:
+    """Parse and check a stored request payload; anything malformed raises ``ValueError``."""
+    payload = loads(raw)
+    if not isinstance(payload, dict):
+        raise ValueError("request payload is not an object")
+    method, url = payload.get("method"), payload.get("url")
+    headers, body = payload.get("headers") or {}, payload.get("body")
+    if not isinstance(method, str) or not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ValueError("request payload has no valid method and http(s) url")
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise ValueError("request headers must be an object of strings")
+    if body is not None and not (isinstance(body, dict) and ("json" in body or "content" in body)):
+        raise ValueError("request body is malformed")
+    return method, url, headers, body

@@ -1,0 +1,20 @@
+-- retire.lua: this instance stops cleanly. It stops being alive, stops holding flights, and
+-- fails the not-yet-running function flights that no live instance can run any more.
+-- KEYS[1] instances  KEYS[2] held:<me>  KEYS[3] inst:<me>  KEYS[4] queue  KEYS[5] running
+-- returns number of flights failed
+redis.call('ZREM', I, ME)
+redis.call('DEL', KEYS[3])
+local now = now_ms()
+local failed = 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  redis.call('SREM', P .. 'h:' .. id, ME)
+  local kind, state = unpack(redis.call('HMGET', P .. 'f:' .. id, 'kind', 'state'))
+  if kind and kind ~= 'request' and state ~= 'running' and not has_live_holder(id, now) then
+    fail(id, 'NoHolder', 'every instance waiting on this flight is gone')
+    failed = failed + 1
+  end
+end
+redis.call('DEL', KEYS[2])
+local out = {}
+fill(now, out)
+return failed

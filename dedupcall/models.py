@@ -1,0 +1,124 @@
+"""Frozen dataclasses the public API returns. Pure: no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dedupcall.errors import CallFailed, FlightDropped, QueueCleared, ResponseTooLarge
+
+_FAILURES: dict[str, type[CallFailed]] = {
+    "QueueCleared": QueueCleared,
+    "FlightDropped": FlightDropped,
+    "ResponseTooLarge": ResponseTooLarge,
+}
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of one flight, as every caller of that flight sees it.
+
+    ``cached`` is true when the result was already stored when this call or wait began;
+    ``executed_by`` is the instance id that ran the successful or last attempt.
+    """
+
+    success: bool
+    data: Any
+    error: str | None
+    request_id: str
+    api_path: str
+    attempts: int
+    executed_by: str | None = None
+    status_code: int | None = None
+    error_type: str | None = None
+    kind: str = "function"
+    cached: bool = False
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], *, cached: bool = False) -> Result:
+        """Build from a decoded result record (see ``codec.result_record``)."""
+        err = record.get("err") or {}
+        return cls(
+            success=bool(record["ok"]),
+            data=record.get("data"),
+            error=str(err.get("msg", "")) if not record["ok"] else None,
+            error_type=str(err.get("type", "Error")) if not record["ok"] else None,
+            request_id=str(record.get("id", "")),
+            api_path=str(record.get("key", "")),
+            attempts=int(record.get("att") or 0),
+            executed_by=record.get("by"),
+            status_code=record.get("status"),
+            kind=str(record.get("kind", "function")),
+            cached=cached,
+        )
+
+    def to_error(self) -> CallFailed:
+        """The ``CallFailed`` (or subclass) a caller of this failed flight receives."""
+        etype = self.error_type or "Error"
+        return _FAILURES.get(etype, CallFailed)(
+            self.error or "",
+            error_type=etype,
+            attempts=self.attempts,
+            request_id=self.request_id,
+            key=self.api_path,
+            status_code=self.status_code,
+        )
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """A live instance: ``last_seen`` is seconds since its last heartbeat."""
+
+    id: str
+    host: str
+    pid: int
+    last_seen: float
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class QueueStatus:
+    """A snapshot of the namespace's queue, as ``get_queue_status`` returns it."""
+
+    queue_length: int
+    processing: bool
+    running: int
+    delayed: int
+    instance_id: str
+    instances: list[InstanceInfo]
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class QueueItem:
+    """One flight that has not finished: ``state`` is queued, delayed or running."""
+
+    request_id: str
+    key: str
+    kind: str
+    priority: int
+    attempts: int
+    state: str
+    age: float
+    executor: str | None
+    waiters: int
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Permission to run one attempt of a flight, fenced by ``token``."""
+
+    request_id: str
+    token: str
+    attempts: int
+    lease_ms: int
+    kind: str
+
+    @classmethod
+    def from_reply(cls, reply: list[Any]) -> Grant:
+        rid, token, att, lease, kind = reply
+        return cls(_text(rid), _text(token), int(att), int(lease), _text(kind))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,175 @@
+"""The one subscriber connection of a ``Dedup``, fanned out to local waiters.
+
+It listens on the namespace's ``done`` channel (a flight finished), this instance's own
+channel (a grant pushed to it) and the control channel (shared config changed). Pub/sub
+is at-most-once, so on every (re)subscribe the owner re-checks what it waits for, and
+recently finished ids are remembered briefly: a waiter that learns its flight id just
+after the flight finished still sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from dedupcall.keys import KeySpace
+from dedupcall.models import Grant
+
+log = logging.getLogger("dedupcall")
+
+RECENT_DONE = 4096
+IDLE_PING = 5.0
+
+
+class Notifier:
+    """Owns the subscriber connection; calls back on grants, control messages, reconnects."""
+
+    def __init__(
+        self,
+        client: Redis,
+        keys: KeySpace,
+        instance_id: str,
+        *,
+        on_grant: Callable[[Grant], None],
+        on_control: Callable[[str], None],
+        on_resubscribe: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._client = client
+        self._channels = [keys.done_channel, keys.instance_channel(instance_id), keys.control_channel]
+        self._done_channel = keys.done_channel.encode()
+        self._grant_channel = keys.instance_channel(instance_id).encode()
+        self._on_grant = on_grant
+        self._on_control = on_control
+        self._on_resubscribe = on_resubscribe
+        self._watchers: dict[str, set[asyncio.Future[None]]] = {}
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._task: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+        self.connected_once = asyncio.Event()
+        self.reconnects = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="dedupcall-notifier")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for futures in self._watchers.values():
+            for fut in futures:
+                if not fut.done():
+                    fut.cancel()
+        self._watchers.clear()
+
+    # --- waiters -------------------------------------------------------------------
+    def watch(self, request_id: str) -> asyncio.Future[None]:
+        """A future resolved when ``request_id`` finishes (at once if it just did)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if request_id in self._recent:
+            fut.set_result(None)
+        else:
+            self._watchers.setdefault(request_id, set()).add(fut)
+        return fut
+
+    def unwatch(self, request_id: str, fut: asyncio.Future[None]) -> None:
+        futures = self._watchers.get(request_id)
+        if futures is not None:
+            futures.discard(fut)
+            if not futures:
+                del self._watchers[request_id]
+
+    def watched(self) -> list[str]:
+        """Ids with at least one waiter (re-checked after a reconnect)."""
+        return list(self._watchers)
+
+    def mark_done(self, request_id: str) -> None:
+        """Wake every waiter of ``request_id`` and remember it briefly."""
+        self._recent[request_id] = None
+        if len(self._recent) > RECENT_DONE:
+            self._recent.popitem(last=False)
+        for fut in self._watchers.pop(request_id, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    # --- connection loop -----------------------------------------------------------
+    async def _run(self) -> None:
+        delay = 0.05
+        while True:
+            pubsub = self._client.pubsub()
+            try:
+                await self._subscribe(pubsub)
+                delay = 0.05
+                await self._listen(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any connection failure: reconnect, never die
+                self.ready.clear()
+                self.reconnects += 1
+                log.warning("dedupcall subscriber lost its connection (%s); reconnecting", exc)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(pubsub.aclose())
+
+    async def _subscribe(self, pubsub: PubSub) -> None:
+        await pubsub.subscribe(*self._channels)
+        pending = {c.encode() for c in self._channels}
+        deadline = time.monotonic() + 10.0
+        while pending:
+            if time.monotonic() > deadline:
+                raise ConnectionError("no subscribe confirmation within 10 s")
+            msg = await pubsub.get_message(timeout=1.0)
+            if msg is None:
+                continue
+            if msg["type"] == "subscribe":
+                pending.discard(msg["channel"])
+            else:
+                self._dispatch(msg)
+        self.ready.set()
+        self.connected_once.set()
+        # Messages published while we were not subscribed are lost: re-check now.
+        await self._on_resubscribe()
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        last_rx = time.monotonic()
+        pinged = False
+        while True:
+            msg = await pubsub.get_message(timeout=1.0)
+            now = time.monotonic()
+            if msg is not None:
+                last_rx, pinged = now, False
+                self._dispatch(msg)
+                continue
+            if now - last_rx > 2 * IDLE_PING:
+                raise ConnectionError("subscriber connection silent (no pong)")
+            if now - last_rx > IDLE_PING and not pinged:
+                await pubsub.ping()
+                pinged = True
+
+    def _dispatch(self, msg: dict[str, object]) -> None:
+        if msg.get("type") != "message":
+            return
+        channel, data = msg["channel"], msg["data"]
+        assert isinstance(data, bytes)
+        text = data.decode()
+        if channel == self._done_channel:
+            self.mark_done(text)
+        elif channel == self._grant_channel:
+            parts = text.split(" ")
+            if len(parts) == 6 and parts[0] == "g":
+                self._on_grant(Grant(parts[1], parts[2], int(parts[3]), int(parts[4]), parts[5]))
+            else:
+                log.warning("dedupcall ignored a malformed grant message %r", text[:200])
+        else:
+            self._on_control(text)

@@ -1,0 +1,36 @@
+"""Loads the Lua scripts once and binds them to a client (EVALSHA, reloaded after NOSCRIPT)."""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+NAMES = ("submit", "complete", "retry", "renew", "release", "leave", "reap", "init", "retire", "clear")
+
+
+@cache
+def source(name: str) -> str:
+    """The full source of one script: ``lib.lua`` followed by the script itself."""
+    folder = resources.files("dedupcall") / "lua"
+    return (folder / "lib.lua").read_text() + "\n" + (folder / f"{name}.lua").read_text()
+
+
+class Scripts:
+    """The scripts bound to one client. Each attribute is an awaitable script call.
+
+    redis-py's ``AsyncScript`` sends EVALSHA and, on NOSCRIPT (after a restart, failover
+    or ``SCRIPT FLUSH``), loads the source and retries once.
+    """
+
+    def __init__(self, client: Redis) -> None:
+        self._scripts: dict[str, AsyncScript] = {
+            name: client.register_script(source(name)) for name in NAMES
+        }
+
+    async def run(self, name: str, keys: list[str], args: list[Any], client: Redis | None = None) -> Any:
+        """Run script ``name`` with ``keys`` and ``args``, optionally on another client."""
+        return await self._scripts[name](keys=keys, args=args, client=client)

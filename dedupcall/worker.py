@@ -1,0 +1,304 @@
+"""The per-instance worker: runs granted attempts under a renewed lease, completes or
+retries them, sweeps (heartbeat, reaper, due retries, shared config) and executes queued
+HTTP requests.
+
+An attempt is any ``Attempt``: a coroutine function taking the ``Grant`` and returning an
+``Outcome``. Function flights bring their own (``core.py``); queued requests use
+``http_attempt`` below. Nothing here decides who runs next: Lua does, and pushes grants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from dedupcall import codec, httpexec
+from dedupcall.config import decode_shared
+from dedupcall.errors import RedisUnavailable
+from dedupcall.models import Grant, Result
+
+if TYPE_CHECKING:
+    from dedupcall.core import Dedup
+
+log = logging.getLogger("dedupcall")
+
+
+@dataclass
+class Outcome:
+    """One attempt's result record, and whether to retry it."""
+
+    record: bytes
+    ok: bool
+    retryable: bool = False
+    retry_after_ms: int = 0
+    error: BaseException | None = None  # the original exception, in this process only
+
+
+Attempt = Callable[[Grant], Awaitable[Outcome]]
+
+
+@dataclass
+class Finished:
+    """How an execution ended for this process: a final result, a retry, or a lost lease."""
+
+    result: Result | None = None
+    retrying: bool = False
+    lost: bool = False
+    error: BaseException | None = None
+
+
+@dataclass
+class _Lease:
+    grant: Grant
+    deadline: float  # monotonic: past it we assume the lease is gone (self-fencing)
+    task: asyncio.Task[Any] | None = None
+    lost: bool = False
+
+
+@dataclass
+class Worker:
+    """Background tasks of one ``Dedup``: sweep, lease renewal, attempts, queued requests."""
+
+    dedup: Dedup
+    stats: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self._leases: dict[str, _Lease] = {}
+        self._accepted: set[tuple[str, str]] = set()  # (request id, token) taken, not finished
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sweep_task: asyncio.Task[None] | None = None
+        self._renew_task: asyncio.Task[None] | None = None
+        self._wake_sweep = asyncio.Event()
+        self._wake_renew = asyncio.Event()
+        self._http: httpx.AsyncClient | None = None
+        self._want_mine = True
+        self.draining = False
+        self.started = time.time()
+
+    # --- lifecycle ---------------------------------------------------------------
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._sweep_task = loop.create_task(self._sweep_loop(), name="dedupcall-sweep")
+        self._renew_task = loop.create_task(self._renew_loop(), name="dedupcall-renew")
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking grants, let running attempts finish for ``timeout`` s, release the rest."""
+        self.draining = True
+        running = [lease.task for lease in self._leases.values() if lease.task is not None]
+        if running:
+            await asyncio.wait(running, timeout=timeout)
+        for lease in list(self._leases.values()):
+            if lease.task is not None and not lease.task.done():
+                lease.task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=max(1.0, timeout))
+
+    async def stop(self) -> None:
+        for task in (self._sweep_task, self._renew_task, *self._tasks):
+            if task is not None:
+                task.cancel()
+        for task in (self._sweep_task, self._renew_task, *self._tasks):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self._http is not None:
+            await self._http.aclose()
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        """Run ``coro`` as a tracked background task (kept referenced until done)."""
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @property
+    def executing(self) -> int:
+        return len(self._leases)
+
+    # --- grants ------------------------------------------------------------------
+    def on_grant(self, grant: Grant) -> None:
+        """A grant pushed to (or returned to) this instance: run it, or give it back."""
+        ident = (grant.request_id, grant.token)
+        if ident in self._accepted:
+            return  # already running this grant (a sweep re-listed it)
+        if self.draining:
+            self.spawn(self.dedup._release(grant, drop=False), "dedupcall-release")
+        elif grant.kind == "request":
+            self._accepted.add(ident)
+            self.spawn(self.execute(grant, self.http_attempt), f"dedupcall-req-{grant.request_id}")
+        elif self.dedup._run_local_grant(grant):
+            self._accepted.add(ident)
+        else:
+            # No caller here holds the function any more: let another holder run it.
+            self.spawn(self.dedup._release(grant, drop=True), "dedupcall-release")
+
+    def on_grants(self, replies: list[Any]) -> None:
+        for reply in replies:
+            self.on_grant(Grant.from_reply(reply))
+
+    async def execute(self, grant: Grant, attempt: Attempt) -> Finished:
+        """Run one attempt under its lease, then complete or retry it (fenced by the token)."""
+        lease = _Lease(grant, time.monotonic() + grant.lease_ms / 1000)
+        lease.task = asyncio.current_task()
+        self._leases[grant.request_id] = lease
+        self._wake_renew.set()
+        rid = grant.request_id
+        try:
+            try:
+                outcome = await attempt(grant)
+            except asyncio.CancelledError:
+                # Shutdown: hand the flight back at once instead of waiting for expiry.
+                await asyncio.shield(self.dedup._release(grant, drop=False))
+                raise
+        finally:
+            self._leases.pop(rid, None)
+            self._accepted.discard((rid, grant.token))
+        self.stats["executions"] += 1
+        try:
+            return await asyncio.shield(self._finish(grant, outcome))
+        except RedisUnavailable as exc:
+            return Finished(error=exc)
+
+    async def _finish(self, grant: Grant, outcome: Outcome) -> Finished:
+        rid = grant.request_id
+        for pause in (0.05, 0.2, 0.5, None):
+            try:
+                if outcome.retryable:
+                    reply = await self.dedup._retry(grant, outcome)
+                else:
+                    reply = await self.dedup._complete(grant, outcome)
+                break
+            except RedisUnavailable:
+                if pause is None:
+                    raise
+                await asyncio.sleep(pause)
+        verdict = reply[0].decode()
+        if verdict == "lost":
+            self.stats["lease_lost"] += 1
+            log.warning("dedupcall lease lost; completion refused", extra={"request_id": rid})
+            stored = reply[1] if len(reply) > 1 else None
+            result = self.dedup._decode_result(stored) if stored else None
+            return Finished(result=result, lost=True)
+        self.on_grants(reply[-1])
+        if verdict == "retrying":
+            self.stats["retries"] += 1
+            return Finished(retrying=True)
+        result = Result.from_record(codec.decode_record(outcome.record))
+        if not result.success:
+            self.stats["failures"] += 1
+        return Finished(result=result, error=outcome.error)
+
+    # --- queued HTTP requests ----------------------------------------------------
+    async def http_attempt(self, grant: Grant) -> Outcome:
+        """Attempt for a queued request: read its payload, send it, classify the response."""
+        key, raw = await self.dedup._flight_payload(grant.request_id)
+        fields = {"request_id": grant.request_id, "key": key, "kind": "request",
+                  "attempts": grant.attempts, "executed_by": self.dedup.instance_id}
+        try:
+            method, url, headers, body = codec.decode_request(raw or b"")
+        except ValueError as exc:
+            record = codec.result_record(ok=False, error_type="MalformedFlight",
+                                         message=f"stored request is malformed: {exc}", **fields)
+            return Outcome(record, ok=False)
+        if self._http is None:
+            self._http = httpx.AsyncClient()
+        timeout = self.dedup.config.execution_timeout
+        try:
+            out = await asyncio.wait_for(
+                httpexec.send(self._http, method, url, headers, body, timeout), timeout + 1.0
+            )
+        except TimeoutError:
+            out = httpexec.HttpOutcome(False, True, None, None, "Timeout",
+                                       f"no response within {timeout} s")
+        try:
+            record = codec.result_record(ok=out.ok, data=out.data, status_code=out.status_code,
+                                         error_type=out.error_type, message=out.message, **fields)
+        except codec.SerializationError as exc:  # pragma: no cover - JSON bodies always encode
+            record = codec.result_record(ok=False, error_type="SerializationError",
+                                         message=str(exc), **fields)
+        return Outcome(record, ok=out.ok, retryable=out.retryable, retry_after_ms=out.retry_after_ms)
+
+    # --- sweep: heartbeat, reaper, due retries, config -----------------------------
+    def info(self) -> bytes:
+        """What this instance tells others about itself (beside its heartbeat)."""
+        return json.dumps({
+            "id": self.dedup.instance_id, "host": socket.gethostname(), "pid": os.getpid(),
+            "started": self.started, "hb_ms": self.dedup._hb_ms(), "stats": self.dedup.stats(),
+        }).encode()
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            wait = self.dedup.config.heartbeat_interval
+            try:
+                want_mine, self._want_mine = self._want_mine, False
+                grants, next_retry, next_lease, mine, config, _ = await self.dedup._reap(want_mine)
+                self.on_grants(grants)
+                self.on_grants(mine)
+                self.dedup._apply_shared(decode_shared(_pairs(config)))
+                for ms in (next_retry, next_lease):
+                    if ms >= 0:
+                        wait = min(wait, ms / 1000 + 0.002)
+            except RedisUnavailable as exc:
+                self._want_mine = True
+                log.warning("dedupcall sweep failed: %s", exc)
+            self._wake_sweep.clear()
+            with contextlib.suppress(TimeoutError):
+                # Spread instances' sweeps so they don't all hit Redis at the same instant.
+                await asyncio.wait_for(self._wake_sweep.wait(), max(0.001, wait * random.uniform(0.9, 1.0)))
+
+    def wake_sweep(self, *, mine: bool = False) -> None:
+        """Sweep now; with ``mine``, also list grants made to us (a push may have been lost)."""
+        self._want_mine = self._want_mine or mine
+        self._wake_sweep.set()
+
+    async def stop_sweeping(self) -> None:
+        """Stop heartbeats and sweeps (the first step of a drain)."""
+        if self._sweep_task is not None:
+            self._sweep_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweep_task
+            self._sweep_task = None
+
+    # --- lease renewal -----------------------------------------------------------
+    async def _renew_loop(self) -> None:
+        while True:
+            if not self._leases:
+                self._wake_renew.clear()
+                await self._wake_renew.wait()
+            leases = list(self._leases.values())
+            interval = min(lease.grant.lease_ms for lease in leases) / 3000
+            await asyncio.sleep(interval)
+            leases = [lease for lease in self._leases.values() if not lease.lost]
+            if not leases:
+                continue
+            sent = time.monotonic()
+            try:
+                lease_ms, lost = await self.dedup._renew([lease.grant for lease in leases])
+            except RedisUnavailable as exc:
+                log.warning("dedupcall lease renewal failed: %s", exc)
+                continue
+            lost_ids = {x.decode() for x in lost}
+            for lease in leases:
+                if lease.grant.request_id in lost_ids:
+                    lease.lost = True
+                    log.warning("dedupcall lease lost while running",
+                                extra={"request_id": lease.grant.request_id})
+                else:
+                    lease.deadline = sent + int(lease_ms) / 1000
+
+
+def _pairs(flat: list[Any]) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2]))
