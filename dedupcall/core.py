@@ -27,6 +27,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from dedupcall import codec
+from dedupcall.aio import within
 from dedupcall.config import (
     SHARED_FIELDS,
     Config,
@@ -180,7 +181,7 @@ class Dedup:
         self._apply_shared(decode_shared(_pairs(reply)))
         self._notifier.start()
         try:
-            await asyncio.wait_for(self._notifier.connected_once.wait(), self.config.socket_timeout * 2)
+            await within(self._notifier.connected_once.wait(), self.config.socket_timeout * 2)
         except TimeoutError:
             await self._notifier.stop()
             raise RedisUnavailable("could not subscribe to notifications in time") from None
@@ -383,7 +384,7 @@ class Dedup:
             lf.revive()
         lf.waiters += 1
         try:
-            result = await asyncio.wait_for(asyncio.shield(lf.future), timeout)
+            result = await within(asyncio.shield(lf.future), timeout)
         except TimeoutError:
             self._counters["timeouts"] += 1
             raise WaitTimeout(f"no result for {text!r} within {timeout} s", request_id=lf.request_id) from None
@@ -409,7 +410,7 @@ class Dedup:
             try:
                 value = fn()
                 if inspect.isawaitable(value):
-                    value = await asyncio.wait_for(value, self.config.execution_timeout)
+                    value = await within(value, self.config.execution_timeout)
             except Exception as exc:
                 etype = "ExecutionTimeout" if isinstance(exc, TimeoutError) else type(exc).__name__
                 record = codec.result_record(ok=False, error_type=etype, message=str(exc)[:2000], **fields)

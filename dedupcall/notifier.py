@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
+from dedupcall.aio import stop_task
 from dedupcall.keys import KeySpace
 from dedupcall.models import Grant
 
@@ -60,11 +61,8 @@ class Notifier:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="dedupcall-notifier")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         for futures in self._watchers.values():
             for fut in futures:
                 if not fut.done():

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from dedupcall import codec, httpexec
+from dedupcall.aio import Wakeup, stop_task, within
 from dedupcall.config import decode_shared
 from dedupcall.errors import RedisUnavailable
 from dedupcall.models import Grant, Result
@@ -80,8 +81,8 @@ class Worker:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweep_task: asyncio.Task[None] | None = None
         self._renew_task: asyncio.Task[None] | None = None
-        self._wake_sweep = asyncio.Event()
-        self._wake_renew = asyncio.Event()
+        self._wake_sweep = Wakeup()
+        self._wake_renew = Wakeup()
         self._http: httpx.AsyncClient | None = None
         self._want_mine = True
         self.draining = False
@@ -106,13 +107,8 @@ class Worker:
             await asyncio.wait(list(self._tasks), timeout=max(1.0, timeout))
 
     async def stop(self) -> None:
-        for task in (self._sweep_task, self._renew_task, *self._tasks):
-            if task is not None:
-                task.cancel()
-        for task in (self._sweep_task, self._renew_task, *self._tasks):
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        tasks = [t for t in (self._sweep_task, self._renew_task, *self._tasks) if t is not None]
+        await asyncio.gather(*(stop_task(t) for t in tasks))
         if self._http is not None:
             await self._http.aclose()
 
@@ -217,9 +213,7 @@ class Worker:
             self._http = httpx.AsyncClient()
         timeout = self.dedup.config.execution_timeout
         try:
-            out = await asyncio.wait_for(
-                httpexec.send(self._http, method, url, headers, body, timeout), timeout + 1.0
-            )
+            out = await within(httpexec.send(self._http, method, url, headers, body, timeout), timeout + 1.0)
         except TimeoutError:
             out = httpexec.HttpOutcome(False, True, None, None, "Timeout",
                                        f"no response within {timeout} s")
@@ -254,10 +248,8 @@ class Worker:
             except RedisUnavailable as exc:
                 self._want_mine = True
                 log.warning("dedupcall sweep failed: %s", exc)
-            self._wake_sweep.clear()
-            with contextlib.suppress(TimeoutError):
-                # Spread instances' sweeps so they don't all hit Redis at the same instant.
-                await asyncio.wait_for(self._wake_sweep.wait(), max(0.001, wait * random.uniform(0.9, 1.0)))
+            # Spread instances' sweeps so they don't all hit Redis at the same instant.
+            await self._wake_sweep.sleep(max(0.001, wait * random.uniform(0.9, 1.0)))
 
     def wake_sweep(self, *, mine: bool = False) -> None:
         """Sweep now; with ``mine``, also list grants made to us (a push may have been lost)."""
@@ -266,18 +258,15 @@ class Worker:
 
     async def stop_sweeping(self) -> None:
         """Stop heartbeats and sweeps (the first step of a drain)."""
-        if self._sweep_task is not None:
-            self._sweep_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweep_task
-            self._sweep_task = None
+        await stop_task(self._sweep_task)
+        self._sweep_task = None
 
     # --- lease renewal -----------------------------------------------------------
     async def _renew_loop(self) -> None:
         while True:
             if not self._leases:
-                self._wake_renew.clear()
-                await self._wake_renew.wait()
+                await self._wake_renew.sleep(3600)
+                continue
             leases = list(self._leases.values())
             interval = min(lease.grant.lease_ms for lease in leases) / 3000
             await asyncio.sleep(interval)

@@ -1,0 +1,86 @@
+"""asyncio helpers that never swallow a cancellation.
+
+``asyncio.wait_for`` on Python 3.10/3.11 can swallow a cancellation that races its
+timeout (CPython gh-86296); a worker whose stop request is swallowed never stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+async def within(awaitable: Awaitable[T], timeout: float | None) -> T:
+    """Await ``awaitable`` for at most ``timeout`` seconds (None: no limit).
+
+    On timeout the inner task is cancelled and ``TimeoutError`` raised; a cancellation of
+    the caller cancels the inner task and always propagates.
+    """
+    if timeout is None:
+        return await awaitable
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise
+    if not done:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise TimeoutError(f"timed out after {timeout} s")
+    return task.result()
+
+
+class Wakeup:
+    """A sleep that another task can cut short; cancellation-safe."""
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] | None = None
+        self._pending = False
+
+    def set(self) -> None:
+        """End the current (or next) sleep now."""
+        self._pending = True
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+
+    async def sleep(self, delay: float) -> None:
+        """Sleep ``delay`` seconds or until ``set()``."""
+        if self._pending:
+            self._pending = False
+            return
+        loop = asyncio.get_running_loop()
+        self._future = loop.create_future()
+        handle = loop.call_later(delay, self._wake, self._future)
+        try:
+            await self._future
+        finally:
+            handle.cancel()
+            self._future = None
+            self._pending = False
+
+    @staticmethod
+    def _wake(future: asyncio.Future[None]) -> None:
+        if not future.done():
+            future.set_result(None)
+
+
+async def stop_task(task: asyncio.Task[object] | None, timeout: float = 5.0) -> None:
+    """Cancel ``task`` and wait for it to end, cancelling again if a cancellation was
+    swallowed on the way (a library may turn it into a normal return)."""
+    if task is None:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not task.done() and loop.time() < deadline:
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.05)
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved: a failure while stopping is not worth a warning

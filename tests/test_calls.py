@@ -1,0 +1,240 @@
+"""Function flights in one process: once, cached, joined, failures, timeouts, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from dedupcall import CallFailed, ConfigError, Dedup, SerializationError, WaitTimeout
+
+
+async def test_concurrent_callers_share_one_execution(dedup: Dedup) -> None:
+    runs = 0
+
+    async def fetch() -> dict[str, int]:
+        nonlocal runs
+        runs += 1
+        await asyncio.sleep(0.05)
+        return {"n": runs}
+
+    values = await asyncio.gather(*[dedup.call("/users/1", fetch) for _ in range(100)])
+    assert runs == 1
+    assert values == [{"n": 1}] * 100
+    stats = dedup.stats()
+    assert (stats["executed"], stats["joined"]) == (1, 99)
+
+
+async def test_success_is_cached_until_ttl(dedup: Dedup) -> None:
+    runs = 0
+
+    async def fetch() -> int:
+        nonlocal runs
+        runs += 1
+        return runs
+
+    assert await dedup.call("/k", fetch, ttl=0.3) == 1
+    result = await dedup.call_result("/k", fetch)
+    assert (result.data, result.cached, result.executed_by) == (1, True, dedup.instance_id)
+    await asyncio.sleep(0.4)
+    assert await dedup.call("/k", fetch) == 2
+    assert dedup.stats()["cached"] == 1
+
+
+async def test_failure_reaches_caller_with_cause_and_is_not_cached(dedup: Dedup) -> None:
+    runs = 0
+
+    async def boom() -> None:
+        nonlocal runs
+        runs += 1
+        raise ValueError("upstream said no")
+
+    with pytest.raises(CallFailed) as info:
+        await dedup.call("/fail", boom)
+    assert info.value.error_type == "ValueError"
+    assert info.value.attempts == 1
+    assert isinstance(info.value.__cause__, ValueError)
+    with pytest.raises(CallFailed):
+        await dedup.call("/fail", boom)
+    assert runs == 2  # failures are not served to later callers
+
+
+async def test_retry_on_retries_with_backoff_then_succeeds(dedup: Dedup) -> None:
+    runs = 0
+
+    async def flaky() -> str:
+        nonlocal runs
+        runs += 1
+        if runs < 3:
+            raise ConnectionError("blip")
+        return "ok"
+
+    result = await dedup.call_result("/flaky", flaky, retry_on=ConnectionError)
+    assert (result.data, result.attempts) == ("ok", 3)
+    assert dedup.stats()["retries"] == 2
+
+
+async def test_retries_stop_after_max_retries(make_dedup: Callable[..., Dedup]) -> None:
+    dedup = make_dedup(max_retries=2)
+    runs = 0
+
+    async def always() -> None:
+        nonlocal runs
+        runs += 1
+        raise ConnectionError("down")
+
+    with pytest.raises(CallFailed) as info:
+        await dedup.call("/down", always, retry_on=ConnectionError)
+    assert runs == 3
+    assert info.value.attempts == 3
+
+
+async def test_unserializable_result_names_function_and_key(dedup: Dedup) -> None:
+    async def weird() -> object:
+        return {"when": object()}
+
+    with pytest.raises(CallFailed) as info:
+        await dedup.call("/weird", weird)
+    assert info.value.error_type == "SerializationError"
+    assert "weird" in info.value.message and "/weird" in info.value.message
+    assert isinstance(info.value.__cause__, SerializationError)
+
+    # the worker keeps going
+    async def fine() -> int:
+        return 1
+
+    assert await dedup.call("/after", fine) == 1
+
+
+async def test_nan_is_rejected_not_stored(dedup: Dedup) -> None:
+    async def nan() -> float:
+        return float("nan")
+
+    with pytest.raises(CallFailed, match="SerializationError"):
+        await dedup.call("/nan", nan)
+
+
+async def test_wait_timeout_leaves_flight_running_for_others(dedup: Dedup) -> None:
+    release = asyncio.Event()
+
+    async def slow() -> str:
+        await release.wait()
+        return "done"
+
+    patient = asyncio.create_task(dedup.call("/slow", slow, timeout=5))
+    with pytest.raises(WaitTimeout):
+        await dedup.call("/slow", slow, timeout=0.1)
+    release.set()
+    assert await patient == "done"
+
+
+async def test_cancelled_last_waiter_drops_queued_flight(make_dedup: Callable[..., Dedup]) -> None:
+    dedup = make_dedup(max_concurrent=1)
+    release = asyncio.Event()
+
+    async def blocker() -> str:
+        await release.wait()
+        return "b"
+
+    async def never() -> str:
+        raise AssertionError("a dropped flight must not run")
+
+    running = asyncio.create_task(dedup.call("/blocker", blocker))
+    await asyncio.sleep(0.05)
+    waiting = asyncio.create_task(dedup.call("/queued", never))
+    for _ in range(100):
+        if await dedup.get_flight_by_key("/queued"):
+            break
+        await asyncio.sleep(0.01)
+    item = await dedup.get_flight_by_key("/queued")
+    assert item is not None and item.state == "queued"
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    for _ in range(200):
+        if await dedup.get_flight_by_key("/queued") is None:
+            break
+        await asyncio.sleep(0.01)
+    assert await dedup.get_flight_by_key("/queued") is None
+    release.set()
+    assert await running == "b"
+    assert (await dedup.get_queue_status()).queue_length == 0
+
+
+async def test_bad_arguments_raise_typed_errors(dedup: Dedup) -> None:
+    async def f() -> int:
+        return 1
+
+    with pytest.raises(ConfigError):
+        await dedup.call("/x", f, priority=10**9)
+    with pytest.raises(ConfigError):
+        await dedup.call("/x", f, ttl=-1)
+    with pytest.raises(ValueError):
+        await dedup.call("/x", f, timeout=float("nan"))
+    with pytest.raises(TypeError):
+        await dedup.call(123, f)  # type: ignore[arg-type]
+    assert await dedup.call("/x", f) == 1
+
+
+async def test_hostile_keys_never_share_results(dedup: Dedup) -> None:
+    keys: list[str | bytes] = [
+        "{a}",
+        "a{b}c",
+        "}{",
+        "*?[]\\",
+        "line\r\nbreak",
+        "x" * 100_000,
+        b"\x00\xff\xfe",
+        "\u0430pple",
+        "apple",
+    ]
+
+    def value_of(key: str | bytes) -> Callable[[], object]:
+        async def fetch() -> object:
+            return repr(key)[:50]
+
+        return fetch
+
+    values = await asyncio.gather(*[dedup.call(k, value_of(k)) for k in keys])
+    assert values == [repr(k)[:50] for k in keys]
+    assert dedup.stats()["executed"] == len(keys)
+
+
+async def test_execution_timeout_fails_the_attempt(make_dedup: Callable[..., Dedup]) -> None:
+    dedup = make_dedup(execution_timeout=0.1)
+
+    async def hang() -> None:
+        await asyncio.sleep(10)
+
+    with pytest.raises(CallFailed) as info:
+        await dedup.call("/hang", hang, timeout=5)
+    assert info.value.error_type == "ExecutionTimeout"
+
+
+async def test_several_dedups_in_one_process_share_by_redis(
+    make_dedup: Callable[..., Dedup],
+) -> None:
+    a, b = make_dedup(), make_dedup()
+    runs = 0
+    gate = asyncio.Event()
+
+    async def fetch() -> int:
+        nonlocal runs
+        runs += 1
+        await gate.wait()
+        return 7
+
+    first = asyncio.create_task(a.call("/shared", fetch))
+    while runs == 0:
+        await asyncio.sleep(0.005)
+    second = asyncio.create_task(b.call("/shared", fetch))
+    for _ in range(200):
+        item = await a.get_flight_by_key("/shared")
+        if item and item.waiters == 2:
+            break
+        await asyncio.sleep(0.01)
+    gate.set()
+    assert (await first, await second) == (7, 7)
+    assert runs == 1
+    assert b.stats()["joined"] == 1
