@@ -263,9 +263,8 @@ class Dedup:
                           error_type="MalformedResult", cached=cached)
 
     # --- scripts the worker calls ----------------------------------------------------
-    async def _submit(self, lf: LocalFlight) -> list[Any]:
+    async def _submit(self, lf: LocalFlight, rid: str) -> list[Any]:
         k = self.keys
-        rid = uuid.uuid4().hex
         keys = [k.cache(lf.digest), k.active(lf.digest), k.flight(rid), k.holders(rid),
                 k.held(self.instance_id), k.seq, k.queue, k.running, k.config]
         args = [lf.kind, lf.digest, lf.key, rid, lf.priority, lf.ttl_ms, int(lf.cache_failures),
@@ -429,13 +428,18 @@ class Dedup:
         """Take part in the Redis flight for ``lf`` until it resolves or every caller left."""
         try:
             while True:
-                reply = await self._submit(lf)
-                verdict = reply[0].decode()
+                # Known locally before Redis knows it: a grant for it may arrive (a sweep's
+                # listing) before the submit reply is processed.
+                proposed = lf.request_id = uuid.uuid4().hex
+                self._by_id[proposed] = lf
+                reply = await self._submit(lf, proposed)
+                verdict, rid = reply[0].decode(), reply[1].decode()
+                if rid != proposed:
+                    del self._by_id[proposed]
+                    lf.request_id = rid
                 if verdict == "cached":
-                    lf.request_id = reply[1].decode()
                     lf.resolve(self._decode_result(reply[2], cached=True))
                     return
-                rid = lf.request_id = reply[1].decode()
                 self._by_id[rid] = lf
                 if verdict == "granted":
                     grant = Grant(rid, reply[2].decode(), int(reply[3]), int(reply[4]), lf.kind)
@@ -553,7 +557,7 @@ class Dedup:
                          payload=codec.encode_request(method, url, hdrs, encoded),
                          fingerprint=codec.request_fingerprint(method, url, hdrs, encoded),
                          on_conflict=on_conflict)
-        reply = await self._submit(lf)
+        reply = await self._submit(lf, uuid.uuid4().hex)
         verdict, rid = reply[0].decode(), reply[1].decode()
         if verdict == "conflict":
             raise ConflictError(

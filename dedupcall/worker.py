@@ -17,7 +17,7 @@ import os
 import random
 import socket
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -78,6 +78,9 @@ class Worker:
     def __post_init__(self) -> None:
         self._leases: dict[str, _Lease] = {}
         self._accepted: set[tuple[str, str]] = set()  # (request id, token) taken, not finished
+        # Recently finished grants: a sweep's listing computed before a grant finished may
+        # arrive after it did, and must not run the attempt a second time.
+        self._finished: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweep_task: asyncio.Task[None] | None = None
         self._renew_task: asyncio.Task[None] | None = None
@@ -128,8 +131,8 @@ class Worker:
     def on_grant(self, grant: Grant) -> None:
         """A grant pushed to (or returned to) this instance: run it, or give it back."""
         ident = (grant.request_id, grant.token)
-        if ident in self._accepted:
-            return  # already running this grant (a sweep re-listed it)
+        if ident in self._accepted or ident in self._finished:
+            return  # already running or ran this grant (a sweep re-listed it)
         if self.draining:
             self.spawn(self.dedup._release(grant, drop=False), "dedupcall-release")
         elif grant.kind == "request":
@@ -162,6 +165,9 @@ class Worker:
         finally:
             self._leases.pop(rid, None)
             self._accepted.discard((rid, grant.token))
+            self._finished[(rid, grant.token)] = None
+            if len(self._finished) > 4096:
+                self._finished.popitem(last=False)
         self.stats["executions"] += 1
         try:
             return await asyncio.shield(self._finish(grant, outcome))

@@ -53,11 +53,13 @@ class _State:
     peaks: Counter[str] = field(default_factory=Counter)
     inflight_total: int = 0
     peak_total: int = 0
+    generation: int = 0
     order: list[str] = field(default_factory=list)
     scripts: dict[str, list[_Step]] = field(default_factory=dict)
 
-    def enter(self, path: str) -> tuple[int, _Step | None]:
-        """Count a request arriving; return its hit number and its scripted step, if any."""
+    def enter(self, path: str) -> tuple[int, _Step | None, int]:
+        """Count a request arriving; return its hit number, its scripted step, if any, and
+        the generation (reset count) it belongs to."""
         with self.lock:
             self.hits[path] += 1
             self.order.append(path)
@@ -70,22 +72,26 @@ class _State:
             if steps:
                 # The last step repeats forever.
                 step = steps.pop(0) if len(steps) > 1 else steps[0]
-            return self.hits[path], step
+            return self.hits[path], step, self.generation
 
-    def leave(self, path: str) -> None:
+    def leave(self, path: str, generation: int) -> None:
         with self.lock:
-            self.inflight[path] -= 1
-            self.inflight_total -= 1
+            if generation == self.generation:  # a previous test's request no longer counts
+                self.inflight[path] -= 1
+                self.inflight_total -= 1
 
     def reset(self) -> None:
         with self.lock:
             self.hits.clear()
             self.order.clear()
             self.scripts.clear()
-            # Requests still running (a previous test's) keep counting down correctly;
-            # peaks restart from what is in flight now.
-            self.peaks = Counter({p: n for p, n in self.inflight.items() if n > 0})
-            self.peak_total = self.inflight_total
+            # Requests still running (a previous test's, e.g. a killed process's) are
+            # forgotten: counts and peaks start from zero for the next test.
+            self.generation += 1
+            self.inflight.clear()
+            self.inflight_total = 0
+            self.peaks.clear()
+            self.peak_total = 0
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
@@ -130,11 +136,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(200, json.dumps(self.server.state.snapshot()).encode())
             return
         state = self.server.state
-        hit, step = state.enter(url.path)
+        hit, step, generation = state.enter(url.path)
         try:
             self._answer(url.path, query, body, hit, step)
         finally:
-            state.leave(url.path)
+            state.leave(url.path, generation)
 
     def _answer(
         self, path: str, query: dict[str, str], body: bytes, hit: int, step: _Step | None
