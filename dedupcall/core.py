@@ -176,6 +176,7 @@ class Dedup:
         for name, value in shared.items():
             args += [name, value]
         with redis_errors():
+            await self._scripts.load(self._redis)
             reply = await self._run("init", [self.keys.config, self.keys.instances,
                                              self.keys.instance_info(self.instance_id)], args)
         self._apply_shared(decode_shared(_pairs(reply)))
@@ -193,6 +194,9 @@ class Dedup:
         if self._closed:
             return
         self._closed = True
+        if self._starting is not None and not self._starting.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._starting)  # a start in progress finishes first
         if not self._ready:
             await self._close_clients()
             return
@@ -373,6 +377,8 @@ class Dedup:
         await self._ensure()
         slot = (kind, codec.key_digest(kind, key))
         lf = self._local.get(slot)
+        if lf is not None and lf.future.done():
+            lf = None  # finished; its driver has not cleaned up yet. Ask Redis afresh.
         first = lf is None
         if lf is None:
             lf = LocalFlight(kind, text, slot[1], self._function_attempt(text, fn, retry_on),
@@ -466,6 +472,7 @@ class Dedup:
     async def _wait_done(self, lf: LocalFlight, rid: str) -> str:
         """Wait for ``rid`` to finish: resolved, abandoned (every caller left) or vanished."""
         poll = self.config.poll_interval
+        outage: float | None = None  # since when Redis has been unreachable
         while not lf.future.done():
             if lf.abandoned and not lf.executing:
                 return "abandoned"
@@ -479,14 +486,34 @@ class Dedup:
                 self._notifier.unwatch(rid, watch)
             if lf.future.done() or (lf.left.done() and not lf.executing and not watch.done()):
                 continue
-            with redis_errors():
-                raw, exists = await self._redis.pipeline(transaction=False).get(
-                    self.keys.result(rid)).exists(self.keys.flight(rid)).execute()
+            try:
+                raw, exists = await self._read_result(rid, check_flight=not watch.done())
+            except RedisUnavailable:
+                # Ride out a short outage (a restart, a failover); past one lease, give up.
+                now = time.monotonic()
+                outage = outage or now
+                if now - outage > max(self.config.lock_timeout, 2 * self.config.socket_timeout):
+                    raise
+                poll = min(0.5, self.config.poll_interval)
+                continue
+            outage, poll = None, self.config.poll_interval
             if raw is not None:
                 lf.resolve(self._decode_result(raw))
             elif not exists and not lf.executing:
                 return "vanished"
         return "resolved"
+
+    async def _read_result(self, rid: str, *, check_flight: bool) -> tuple[bytes | None, bool]:
+        """The stored result of ``rid``, and whether its flight still exists. After a push
+        the result is there: one GET. Otherwise (a safety poll) GET and EXISTS together."""
+        with redis_errors():
+            if not check_flight:
+                raw = await self._redis.get(self.keys.result(rid))
+                if raw is not None:
+                    return raw, True
+            raw, exists = await self._redis.pipeline(transaction=False).get(
+                self.keys.result(rid)).exists(self.keys.flight(rid)).execute()
+        return raw, bool(exists)
 
     def _run_local_grant(self, grant: Grant) -> bool:
         """Run a grant for a function/transport flight held here; False if none is."""
@@ -583,9 +610,7 @@ class Dedup:
         while True:
             watch = self._notifier.watch(request_id)
             try:
-                with redis_errors():
-                    raw, exists = await self._redis.pipeline(transaction=False).get(
-                        self.keys.result(request_id)).exists(self.keys.flight(request_id)).execute()
+                raw, exists = await self._read_result(request_id, check_flight=first or not watch.done())
                 if raw is not None:
                     return self._decode_result(raw, cached=first)
                 if not exists:

@@ -31,6 +31,13 @@ class Scripts:
             name: client.register_script(source(name)) for name in NAMES
         }
 
+    async def load(self, client: Redis) -> None:
+        """Load every script up front (one round trip), so no call pays a NOSCRIPT retry."""
+        pipe = client.pipeline(transaction=False)
+        for script in self._scripts.values():
+            pipe.script_load(script.script)
+        await pipe.execute()
+
     async def run(self, name: str, keys: list[str], args: list[Any], client: Redis | None = None) -> Any:
         """Run script ``name`` with ``keys`` and ``args``, optionally on another client."""
         return await self._scripts[name](keys=keys, args=args, client=client)

@@ -172,7 +172,13 @@ class Worker:
         try:
             return await asyncio.shield(self._finish(grant, outcome))
         except RedisUnavailable as exc:
-            return Finished(error=exc)
+            # Not stored: other holders re-execute after the lease. Our own callers still
+            # get what we computed (a final outcome), or the Redis error (a retryable one).
+            log.warning("dedupcall could not store a result: %s", exc, extra={"request_id": rid})
+            if outcome.retryable:
+                return Finished(error=exc)
+            return Finished(result=Result.from_record(codec.decode_record(outcome.record)),
+                            error=outcome.error)
 
     async def _finish(self, grant: Grant, outcome: Outcome) -> Finished:
         rid = grant.request_id
