@@ -50,6 +50,7 @@ def summary(samples_ns: list[int]) -> dict[str, float]:
     return {
         "median_us": round(statistics.median(values), 1),
         "p99_us": round(percentile(values, 0.99), 1),
+        "max_us": round(values[-1], 1),  # a lost wake-up would show here as a poll interval
         "n": len(values),
     }
 
@@ -128,6 +129,8 @@ def upstream_process() -> Iterator[str]:
 # --- the benchmark -----------------------------------------------------------------------
 @dataclass
 class Bench:
+    """One run: its clients, its two instances, and what it measured."""
+
     url: str
     n: int
     joined_keys: int
@@ -185,7 +188,13 @@ class Bench:
                     batch.clear()
             if batch:
                 deleted += await self.plain.delete(*batch)
-        self.results.setdefault("meta", {})["keys_deleted"] = deleted
+        meta = self.results.setdefault("meta", {})
+        meta["keys_deleted"] = deleted
+        with contextlib.suppress(Exception):
+            left = [k async for k in self.plain.scan_iter(match="{" + self.ns + "}:*", count=1000)]
+            meta["keys_left"] = len(left)
+            if left:
+                self.problems.append(f"cleanup: {len(left)} keys of {self.ns} left")
         await self.plain.aclose()
 
     async def fetch(self) -> int:
@@ -243,7 +252,9 @@ class Bench:
         after = a.stats()
         # The paths really taken: every hit served from cache, every cold call executed here.
         if after["cached"] - before["cached"] != self.n:
-            self.problems.append(f"hit phase: {after['cached'] - before['cached']} cached of {self.n}")
+            self.problems.append(
+                f"hit phase: {after['cached'] - before['cached']} cached of {self.n}"
+            )
         if after["executed"] - before["executed"] != 2 * self.n:
             self.problems.append(
                 f"cold phases: {after['executed'] - before['executed']} executed of {2 * self.n}"
@@ -330,6 +341,7 @@ class Bench:
             "direct_per_s": round(direct_rate),
             "dedup_per_s": round(dedup_rate),
             "ratio": round(dedup_rate / direct_rate, 3),
+            "rounds_per_s": {mode: [round(x) for x in xs] for mode, xs in rounds.items()},
         }
 
     # 7: a burst of callers of one key, split over both instances; one execution only.
@@ -343,7 +355,7 @@ class Bench:
             marks: dict[str, int] = {}
             count = 0
 
-            async def slow() -> int:
+            async def slow(marks: dict[str, int] = marks) -> int:
                 nonlocal count
                 count += 1
                 marks["start"] = time.perf_counter_ns()
@@ -392,7 +404,7 @@ def table(results: dict[str, Any]) -> str:
         f"redis-py {meta['redis_py']}, hiredis {meta['hiredis']}, {meta['cpus']} cpus, "
         f"n={meta['n']}",
         "",
-        f"{'metric':<34}{'median µs':>12}{'p99 µs':>12}{'× PING':>9}",
+        f"{'metric':<34}{'median µs':>12}{'p99 µs':>12}{'x PING':>9}",
     ]
 
     def row(label: str, name: str, ratio: bool) -> None:
@@ -405,19 +417,22 @@ def table(results: dict[str, Any]) -> str:
     row("3 cold: new key, fn returns 1", "cold", True)
     row("4 upstream direct (httpx)", "direct", False)
     row("4 cold via dedup + upstream", "cold_upstream", False)
-    row("4 added by dedup (cold − direct)", "upstream_added", False)
+    row("4 added by dedup (cold - direct)", "upstream_added", False)
     row("5 joined: release → B has value", "joined", True)
-    tp, fi = results["throughput"], results["fanin"]
+    tp, fi, ms = results["throughput"], results["fanin"], 1000.0
+    beyond, after = fi["beyond_50ms"], fi["after_fn_returned"]
     lines += [
         "",
-        f"6 throughput, {tp['callers']} callers × {tp['keys']} distinct keys: "
+        f"4 dedup adds {results['upstream_added']['median_us'] / ms:.2f} ms (median) to an "
+        f"upstream call of {results['direct']['median_us'] / ms:.2f} ms",
+        f"6 throughput, {tp['callers']} callers x {tp['keys']} distinct keys: "
         f"direct {tp['direct_per_s']}/s, dedup {tp['dedup_per_s']}/s, ratio {tp['ratio']}",
-        f"7 fan-in, {fi['callers']} callers of one key (A and B), fn {FANIN_WORK * 1000:.0f} ms: "
-        f"executions {fi['executions']}, beyond 50 ms p50 {fi['beyond_50ms']['median_us'] / 1000:.2f}"
-        f" ms, p99 {fi['beyond_50ms']['p99_us'] / 1000:.2f} ms "
-        f"(after fn returned p50 {fi['after_fn_returned']['median_us'] / 1000:.2f} ms, "
-        f"p99 {fi['after_fn_returned']['p99_us'] / 1000:.2f} ms; "
-        f"fn started {fi['start_delay_us'] / 1000:.2f} ms after the burst)",
+        f"7 fan-in, {fi['callers']} callers of one key over A and B, fn {FANIN_WORK * ms:.0f} ms: "
+        f"executions per round {fi['executions']}",
+        f"  done beyond 50 ms: p50 {beyond['median_us'] / ms:.2f} ms, "
+        f"p99 {beyond['p99_us'] / ms:.2f} ms",
+        f"  (fn started {fi['start_delay_us'] / ms:.2f} ms after the burst; callers done "
+        f"p50 {after['median_us'] / ms:.2f} / p99 {after['p99_us'] / ms:.2f} ms after it returned)",
     ]
     for problem in results["problems"]:
         lines.append(f"PROBLEM: {problem}")

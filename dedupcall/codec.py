@@ -17,9 +17,11 @@ KINDS = ("function", "request", "transport")
 
 
 def dumps(value: Any, *, what: str) -> bytes:
-    """Strict JSON (no NaN/Infinity); anything else raises ``SerializationError`` naming ``what``."""
+    """Strict JSON (no NaN/Infinity); else ``SerializationError`` naming ``what``."""
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        return json.dumps(
+            value, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode()
     except (TypeError, ValueError, RecursionError) as exc:
         raise SerializationError(f"{what} is not JSON-serializable: {exc}") from exc
 
@@ -94,6 +96,7 @@ def decode_record(raw: bytes | str) -> dict[str, Any]:
 
 # --- queued HTTP requests -------------------------------------------------------------
 
+
 def encode_body(body: Any) -> dict[str, Any] | None:
     """A request body as a JSON-safe dict: JSON values as-is, bytes/str as base64 content."""
     if body is None:
@@ -115,14 +118,18 @@ def body_bytes(body: Mapping[str, Any] | None) -> bytes:
     return dumps(body["json"], what="the request body")
 
 
-def request_fingerprint(method: str, url: str, headers: Mapping[str, str], body: Mapping[str, Any] | None) -> str:
+def request_fingerprint(
+    method: str, url: str, headers: Mapping[str, str], body: Mapping[str, Any] | None
+) -> str:
     """What makes two queued requests "the same request" for the conflict check."""
     auth = next((v for k, v in headers.items() if k.lower() == "authorization"), "")
     parts = [method.upper(), url, digest(body_bytes(body)), digest(auth.encode())]
     return digest("\x00".join(parts).encode())
 
 
-def encode_request(method: str, url: str, headers: Mapping[str, str], body: Mapping[str, Any] | None) -> bytes:
+def encode_request(
+    method: str, url: str, headers: Mapping[str, str], body: Mapping[str, Any] | None
+) -> bytes:
     """The payload a worker needs to send a queued request."""
     return dumps(
         {"method": method.upper(), "url": url, "headers": dict(headers), "body": body},
@@ -137,7 +144,11 @@ def decode_request(raw: bytes | str) -> tuple[str, str, dict[str, str], dict[str
         raise ValueError("request payload is not an object")
     method, url = payload.get("method"), payload.get("url")
     headers, body = payload.get("headers") or {}, payload.get("body")
-    if not isinstance(method, str) or not isinstance(url, str) or not url.startswith(("http://", "https://")):
+    if (
+        not isinstance(method, str)
+        or not isinstance(url, str)
+        or not url.startswith(("http://", "https://"))
+    ):
         raise ValueError("request payload has no valid method and http(s) url")
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
         raise ValueError("request headers must be an object of strings")

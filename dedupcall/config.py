@@ -106,7 +106,7 @@ def encode_shared(values: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def decode_shared(raw: Mapping[bytes | str, bytes | str]) -> dict[str, Any]:
+def decode_shared(raw: Mapping[Any, Any]) -> dict[str, Any]:
     """Inverse of ``encode_shared``; fields that fail to parse are skipped (defaults apply)."""
     out: dict[str, Any] = {}
     for key, value in raw.items():
@@ -152,7 +152,7 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
 
 
 def url_from_env(environ: Mapping[str, str] | None = None) -> str | None:
-    """``REDIS_URL``, else a URL built from the original system's ``REDIS_HOST/PORT/PASSWORD/DB``."""
+    """``REDIS_URL``, else a URL from the original ``REDIS_HOST/PORT/PASSWORD/DB``."""
     env = os.environ if environ is None else environ
     if env.get("REDIS_URL"):
         return env["REDIS_URL"]
@@ -172,7 +172,9 @@ def check_url(url: str) -> str:
     """Validate a Redis URL's scheme; return it unchanged."""
     scheme = urlsplit(url).scheme
     if scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"Redis URL must start with redis://, rediss:// or unix://, got {redact(url)!r}")
+        raise ConfigError(
+            f"Redis URL must start with redis://, rediss:// or unix://, got {redact(url)!r}"
+        )
     return url
 
 

@@ -8,11 +8,16 @@ holder registration, one wait.
 from __future__ import annotations
 
 import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dedupcall.models import Result
-from dedupcall.worker import Attempt
+from dedupcall import codec
+from dedupcall.aio import within
+from dedupcall.errors import SerializationError
+from dedupcall.models import Grant, Result
+from dedupcall.worker import Attempt, Outcome
 
 
 @dataclass(eq=False)
@@ -35,11 +40,17 @@ class LocalFlight:
     abandoned: bool = False
     outcome: str = "joined"  # how the first caller got its result: executed | joined | cached
     local_error: BaseException | None = None  # original exception when executed here
-    future: asyncio.Future[Result] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    left: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    future: asyncio.Future[Result] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    left: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
     driver: asyncio.Task[Any] | None = None
 
-    def resolve(self, result: Result, *, executed_here: bool = False, error: BaseException | None = None) -> None:
+    def resolve(
+        self, result: Result, *, executed_here: bool = False, error: BaseException | None = None
+    ) -> None:
         """Set the flight's result once; later calls are ignored."""
         if self.future.done():
             return
@@ -66,3 +77,46 @@ class LocalFlight:
         self.abandoned = False
         if self.left.done():
             self.left = asyncio.get_running_loop().create_future()
+
+
+def function_attempt(
+    key: str,
+    fn: Callable[[], Awaitable[Any] | Any],
+    retry_on: type[BaseException] | tuple[type[BaseException], ...],
+    instance_id: str,
+    execution_timeout: Callable[[], float],
+) -> Attempt:
+    """The attempt of a function flight: run ``fn`` (bounded), encode what it returned."""
+    what = getattr(fn, "__qualname__", repr(fn))
+
+    async def attempt(grant: Grant) -> Outcome:
+        fields: dict[str, Any] = {
+            "request_id": grant.request_id,
+            "key": key,
+            "kind": "function",
+            "attempts": grant.attempts,
+            "executed_by": instance_id,
+        }
+        try:
+            value = fn()
+            if inspect.isawaitable(value):
+                value = await within(value, execution_timeout())
+        except Exception as exc:
+            etype = "ExecutionTimeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+            record = codec.result_record(
+                ok=False, error_type=etype, message=str(exc)[:2000], **fields
+            )
+            return Outcome(record, ok=False, retryable=isinstance(exc, retry_on), error=exc)
+        try:
+            record = codec.result_record(ok=True, data=value, **fields)
+        except SerializationError as exc:
+            message = (
+                f"{what} returned a value that is not JSON-serializable for key {key!r}: {exc}"
+            )
+            record = codec.result_record(
+                ok=False, error_type="SerializationError", message=message, **fields
+            )
+            return Outcome(record, ok=False, error=SerializationError(message))
+        return Outcome(record, ok=True)
+
+    return attempt

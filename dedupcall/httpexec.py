@@ -68,7 +68,9 @@ async def send(
     except httpx.TimeoutException as exc:
         return HttpOutcome(False, True, None, None, "Timeout", f"{type(exc).__name__}: {exc}")
     except httpx.TransportError as exc:
-        return HttpOutcome(False, True, None, None, "TransportError", f"{type(exc).__name__}: {exc}")
+        return HttpOutcome(
+            False, True, None, None, "TransportError", f"{type(exc).__name__}: {exc}"
+        )
     status = response.status_code
     data = response_data(response)
     if status < 400:

@@ -44,7 +44,11 @@ class Notifier:
         on_resubscribe: Callable[[], Awaitable[None]],
     ) -> None:
         self._client = client
-        self._channels = [keys.done_channel, keys.instance_channel(instance_id), keys.control_channel]
+        self._channels = [
+            keys.done_channel,
+            keys.instance_channel(instance_id),
+            keys.control_channel,
+        ]
         self._done_channel = keys.done_channel.encode()
         self._grant_channel = keys.instance_channel(instance_id).encode()
         self._on_grant = on_grant
@@ -118,7 +122,7 @@ class Notifier:
                 delay = min(delay * 2, 2.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(pubsub.aclose())
+                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
 
     async def _subscribe(self, pubsub: PubSub) -> None:
         await pubsub.subscribe(*self._channels)

@@ -9,7 +9,18 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-NAMES = ("submit", "complete", "retry", "renew", "release", "leave", "reap", "init", "retire", "clear")
+NAMES = (
+    "submit",
+    "complete",
+    "retry",
+    "renew",
+    "release",
+    "leave",
+    "reap",
+    "init",
+    "retire",
+    "clear",
+)
 
 
 @cache
@@ -38,6 +49,8 @@ class Scripts:
             pipe.script_load(script.script)
         await pipe.execute()
 
-    async def run(self, name: str, keys: list[str], args: list[Any], client: Redis | None = None) -> Any:
+    async def run(
+        self, name: str, keys: list[str], args: list[Any], client: Redis | None = None
+    ) -> Any:
         """Run script ``name`` with ``keys`` and ``args``, optionally on another client."""
         return await self._scripts[name](keys=keys, args=args, client=client)

@@ -27,8 +27,9 @@ import httpx
 from dedupcall import codec, httpexec
 from dedupcall.aio import Wakeup, stop_task, within
 from dedupcall.config import decode_shared
-from dedupcall.errors import RedisUnavailable
+from dedupcall.errors import RedisUnavailable, SerializationError
 from dedupcall.models import Grant, Result
+from dedupcall.store import pairs
 
 if TYPE_CHECKING:
     from dedupcall.core import Dedup
@@ -76,6 +77,7 @@ class Worker:
     stats: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
+        self.store = self.dedup.store
         self._leases: dict[str, _Lease] = {}
         self._accepted: set[tuple[str, str]] = set()  # (request id, token) taken, not finished
         # Recently finished grants: a sweep's listing computed before a grant finished may
@@ -134,7 +136,7 @@ class Worker:
         if ident in self._accepted or ident in self._finished:
             return  # already running or ran this grant (a sweep re-listed it)
         if self.draining:
-            self.spawn(self.dedup._release(grant, drop=False), "dedupcall-release")
+            self.spawn(self.release(grant, drop=False), "dedupcall-release")
         elif grant.kind == "request":
             self._accepted.add(ident)
             self.spawn(self.execute(grant, self.http_attempt), f"dedupcall-req-{grant.request_id}")
@@ -142,7 +144,14 @@ class Worker:
             self._accepted.add(ident)
         else:
             # No caller here holds the function any more: let another holder run it.
-            self.spawn(self.dedup._release(grant, drop=True), "dedupcall-release")
+            self.spawn(self.release(grant, drop=True), "dedupcall-release")
+
+    async def release(self, grant: Grant, *, drop: bool) -> None:
+        """Give a grant back unrun; with ``drop``, stop holding its flight too."""
+        with contextlib.suppress(RedisUnavailable):
+            reply = await self.store.release(grant, drop=drop)
+            if reply[0] == b"released" and not self.draining:
+                self.on_grants(reply[1])
 
     def on_grants(self, replies: list[Any]) -> None:
         for reply in replies:
@@ -160,7 +169,7 @@ class Worker:
                 outcome = await attempt(grant)
             except asyncio.CancelledError:
                 # Shutdown: hand the flight back at once instead of waiting for expiry.
-                await asyncio.shield(self.dedup._release(grant, drop=False))
+                await asyncio.shield(self.release(grant, drop=False))
                 raise
         finally:
             self._leases.pop(rid, None)
@@ -177,17 +186,18 @@ class Worker:
             log.warning("dedupcall could not store a result: %s", exc, extra={"request_id": rid})
             if outcome.retryable:
                 return Finished(error=exc)
-            return Finished(result=Result.from_record(codec.decode_record(outcome.record)),
-                            error=outcome.error)
+            return Finished(
+                result=Result.from_record(codec.decode_record(outcome.record)), error=outcome.error
+            )
 
     async def _finish(self, grant: Grant, outcome: Outcome) -> Finished:
         rid = grant.request_id
         for pause in (0.05, 0.2, 0.5, None):
             try:
                 if outcome.retryable:
-                    reply = await self.dedup._retry(grant, outcome)
+                    reply = await self.store.retry(grant, outcome.record, outcome.retry_after_ms)
                 else:
-                    reply = await self.dedup._complete(grant, outcome)
+                    reply = await self.store.complete(grant, outcome.record, outcome.ok)
                 break
             except RedisUnavailable:
                 if pause is None:
@@ -212,48 +222,76 @@ class Worker:
     # --- queued HTTP requests ----------------------------------------------------
     async def http_attempt(self, grant: Grant) -> Outcome:
         """Attempt for a queued request: read its payload, send it, classify the response."""
-        key, raw = await self.dedup._flight_payload(grant.request_id)
-        fields = {"request_id": grant.request_id, "key": key, "kind": "request",
-                  "attempts": grant.attempts, "executed_by": self.dedup.instance_id}
+        key, raw = await self.store.flight_payload(grant.request_id)
+        fields: dict[str, Any] = {
+            "request_id": grant.request_id,
+            "key": key,
+            "kind": "request",
+            "attempts": grant.attempts,
+            "executed_by": self.dedup.instance_id,
+        }
         try:
             method, url, headers, body = codec.decode_request(raw or b"")
         except ValueError as exc:
-            record = codec.result_record(ok=False, error_type="MalformedFlight",
-                                         message=f"stored request is malformed: {exc}", **fields)
+            record = codec.result_record(
+                ok=False,
+                error_type="MalformedFlight",
+                message=f"stored request is malformed: {exc}",
+                **fields,
+            )
             return Outcome(record, ok=False)
         if self._http is None:
             self._http = httpx.AsyncClient()
         timeout = self.dedup.config.execution_timeout
         try:
-            out = await within(httpexec.send(self._http, method, url, headers, body, timeout), timeout + 1.0)
+            out = await within(
+                httpexec.send(self._http, method, url, headers, body, timeout), timeout + 1.0
+            )
         except TimeoutError:
-            out = httpexec.HttpOutcome(False, True, None, None, "Timeout",
-                                       f"no response within {timeout} s")
+            out = httpexec.HttpOutcome(
+                False, True, None, None, "Timeout", f"no response within {timeout} s"
+            )
         try:
-            record = codec.result_record(ok=out.ok, data=out.data, status_code=out.status_code,
-                                         error_type=out.error_type, message=out.message, **fields)
-        except codec.SerializationError as exc:  # pragma: no cover - JSON bodies always encode
-            record = codec.result_record(ok=False, error_type="SerializationError",
-                                         message=str(exc), **fields)
-        return Outcome(record, ok=out.ok, retryable=out.retryable, retry_after_ms=out.retry_after_ms)
+            record = codec.result_record(
+                ok=out.ok,
+                data=out.data,
+                status_code=out.status_code,
+                error_type=out.error_type,
+                message=out.message,
+                **fields,
+            )
+        except SerializationError as exc:  # pragma: no cover - JSON bodies always encode
+            record = codec.result_record(
+                ok=False, error_type="SerializationError", message=str(exc), **fields
+            )
+        return Outcome(
+            record, ok=out.ok, retryable=out.retryable, retry_after_ms=out.retry_after_ms
+        )
 
     # --- sweep: heartbeat, reaper, due retries, config -----------------------------
     def info(self) -> bytes:
         """What this instance tells others about itself (beside its heartbeat)."""
-        return json.dumps({
-            "id": self.dedup.instance_id, "host": socket.gethostname(), "pid": os.getpid(),
-            "started": self.started, "hb_ms": self.dedup._hb_ms(), "stats": self.dedup.stats(),
-        }).encode()
+        return json.dumps(
+            {
+                "id": self.dedup.instance_id,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": self.started,
+                "hb_ms": self.store.hb_ms(),
+                "stats": self.dedup.stats(),
+            }
+        ).encode()
 
     async def _sweep_loop(self) -> None:
         while True:
             wait = self.dedup.config.heartbeat_interval
             try:
                 want_mine, self._want_mine = self._want_mine, False
-                grants, next_retry, next_lease, mine, config, _ = await self.dedup._reap(want_mine)
+                reply = await self.store.reap(self.info(), want_mine)
+                grants, next_retry, next_lease, mine, config, _ = reply
                 self.on_grants(grants)
                 self.on_grants(mine)
-                self.dedup._apply_shared(decode_shared(_pairs(config)))
+                self.dedup._apply_shared(decode_shared(pairs(config)))
                 for ms in (next_retry, next_lease):
                     if ms >= 0:
                         wait = min(wait, ms / 1000 + 0.002)
@@ -287,19 +325,16 @@ class Worker:
                 continue
             sent = time.monotonic()
             try:
-                lease_ms, lost = await self.dedup._renew([lease.grant for lease in leases])
+                lease_ms, lost_ids = await self.store.renew([lease.grant for lease in leases])
             except RedisUnavailable as exc:
                 log.warning("dedupcall lease renewal failed: %s", exc)
                 continue
-            lost_ids = {x.decode() for x in lost}
             for lease in leases:
                 if lease.grant.request_id in lost_ids:
                     lease.lost = True
-                    log.warning("dedupcall lease lost while running",
-                                extra={"request_id": lease.grant.request_id})
+                    log.warning(
+                        "dedupcall lease lost while running",
+                        extra={"request_id": lease.grant.request_id},
+                    )
                 else:
-                    lease.deadline = sent + int(lease_ms) / 1000
-
-
-def _pairs(flat: list[Any]) -> dict[bytes, bytes]:
-    return dict(zip(flat[::2], flat[1::2]))
+                    lease.deadline = sent + lease_ms / 1000

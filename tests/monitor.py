@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from dedupcall.scripts import NAMES, source
 
-LINE = re.compile(r'^\+(?P<ts>[\d.]+) \[(?P<db>\d+) (?P<client>[^\]]+)\] (?P<args>.*)$')
+LINE = re.compile(r"^\+(?P<ts>[\d.]+) \[(?P<db>\d+) (?P<client>[^\]]+)\] (?P<args>.*)$")
 SHA_TO_SCRIPT = {hashlib.sha1(source(n).encode()).hexdigest(): n for n in NAMES}
 
 
@@ -81,7 +81,7 @@ class Monitor:
         begin = next(i for i, line in enumerate(lines) if f'"{start}"' in line)
         finish = next(i for i, line in enumerate(lines) if f'"{end}"' in line)
         out = []
-        for line in lines[begin + 1:finish]:
+        for line in lines[begin + 1 : finish]:
             match = LINE.match(line)
             if not match or match["client"] == self._marker_addr:
                 continue

@@ -9,17 +9,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from dedupcall import Dedup
 from procs import Proc, Spawner
 from upstream import Upstream
-
-from dedupcall import Dedup
 
 FAST = {"lock_timeout": 1.0, "heartbeat_interval": 0.2, "retry_delay": 0.05, "poll_interval": 0.5}
 
 
 def child(spawn: Spawner, redis_url: str, namespace: str, upstream: Upstream, **spec: Any) -> Proc:
-    spec = {"url": redis_url, "namespace": namespace, "upstream": upstream.url,
-            **spec, "config": {**FAST, **spec.get("config", {})}}
+    spec = {
+        "url": redis_url,
+        "namespace": namespace,
+        "upstream": upstream.url,
+        **spec,
+        "config": {**FAST, **spec.get("config", {})},
+    }
     return spawn("caller.py", json.dumps(spec))
 
 
@@ -36,9 +40,13 @@ async def until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
 
 
 async def test_four_processes_fifty_callers_twenty_keys_run_each_key_once(
-        spawn: Spawner, redis_url: str, namespace: str, upstream: Upstream) -> None:
+    spawn: Spawner, redis_url: str, namespace: str, upstream: Upstream
+) -> None:
     keys = [f"/k/{i}" for i in range(20)]
-    procs = [child(spawn, redis_url, namespace, upstream, keys=keys, callers=50, delay=0.3) for _ in range(4)]
+    procs = [
+        child(spawn, redis_url, namespace, upstream, keys=keys, callers=50, delay=0.3)
+        for _ in range(4)
+    ]
     outs = [await asyncio.to_thread(p.json, 60) for p in procs]
     print([out["stats"] for out in outs])
     for out in outs:
@@ -57,9 +65,20 @@ async def test_four_processes_fifty_callers_twenty_keys_run_each_key_once(
 
 
 async def test_max_concurrent_holds_across_three_processes(
-        spawn: Spawner, redis_url: str, namespace: str, upstream: Upstream) -> None:
-    procs = [child(spawn, redis_url, namespace, upstream, keys=[f"/c/{p}/{i}" for i in range(8)],
-                   delay=0.15, config={"max_concurrent": 3}) for p in range(3)]
+    spawn: Spawner, redis_url: str, namespace: str, upstream: Upstream
+) -> None:
+    procs = [
+        child(
+            spawn,
+            redis_url,
+            namespace,
+            upstream,
+            keys=[f"/c/{p}/{i}" for i in range(8)],
+            delay=0.15,
+            config={"max_concurrent": 3},
+        )
+        for p in range(3)
+    ]
     outs = [await asyncio.to_thread(p.json, 60) for p in procs]
     assert all(out["errors"] == [] for out in outs)
     assert upstream.hits() == 24
@@ -67,8 +86,12 @@ async def test_max_concurrent_holds_across_three_processes(
 
 
 async def test_sigkilled_executor_is_taken_over_and_every_waiter_answered(
-        spawn: Spawner, redis_url: str, namespace: str, upstream: Upstream,
-        make_dedup: Callable[..., Dedup]) -> None:
+    spawn: Spawner,
+    redis_url: str,
+    namespace: str,
+    upstream: Upstream,
+    make_dedup: Callable[..., Dedup],
+) -> None:
     watcher = make_dedup()
     victim = child(spawn, redis_url, namespace, upstream, keys=["/kill"], callers=5, delay=60)
     await until(lambda: upstream.hits("/value/kill") == 1)  # the victim executes
@@ -95,8 +118,12 @@ async def _waiters(dedup: Dedup, key: str, n: int) -> bool:
 
 
 async def test_frozen_executor_completion_is_refused_and_it_gets_the_stored_result(
-        spawn: Spawner, redis_url: str, namespace: str, upstream: Upstream,
-        make_dedup: Callable[..., Dedup]) -> None:
+    spawn: Spawner,
+    redis_url: str,
+    namespace: str,
+    upstream: Upstream,
+    make_dedup: Callable[..., Dedup],
+) -> None:
     watcher = make_dedup()
     frozen = child(spawn, redis_url, namespace, upstream, keys=["/fence"], callers=3, delay=0.5)
     await until(lambda: upstream.hits("/value/fence") == 1)
@@ -117,9 +144,17 @@ async def test_frozen_executor_completion_is_refused_and_it_gets_the_stored_resu
 
 
 async def test_update_config_reaches_another_process_within_a_second(
-        spawn: Spawner, redis_url: str, namespace: str, upstream: Upstream, dedup: Dedup) -> None:
-    proc = child(spawn, redis_url, namespace, upstream, mode="config",
-                 expect={"max_concurrent": 7, "retry_delay": 0.25}, within=5)
+    spawn: Spawner, redis_url: str, namespace: str, upstream: Upstream, dedup: Dedup
+) -> None:
+    proc = child(
+        spawn,
+        redis_url,
+        namespace,
+        upstream,
+        mode="config",
+        expect={"max_concurrent": 7, "retry_delay": 0.25},
+        within=5,
+    )
     await asyncio.to_thread(proc.wait_line, "watching", 30)
     await dedup.update_config(max_concurrent=7, retry_delay=0.25)
     out = await asyncio.to_thread(proc.json, 30)
@@ -127,8 +162,12 @@ async def test_update_config_reaches_another_process_within_a_second(
 
 
 async def test_queued_request_survives_the_death_of_its_submitter(
-        spawn: Spawner, redis_url: str, namespace: str, upstream: Upstream,
-        make_dedup: Callable[..., Dedup]) -> None:
+    spawn: Spawner,
+    redis_url: str,
+    namespace: str,
+    upstream: Upstream,
+    make_dedup: Callable[..., Dedup],
+) -> None:
     dedup = make_dedup(max_concurrent=1)
     gate = asyncio.Event()
 
@@ -138,8 +177,15 @@ async def test_queued_request_survives_the_death_of_its_submitter(
 
     blocker = asyncio.create_task(dedup.call("/blocker", hold))
     await until(lambda: _running(dedup))
-    submitter = child(spawn, redis_url, namespace, upstream, mode="submit",
-                      api_path="/orphan", target=f"{upstream.url}/value/orphan")
+    submitter = child(
+        spawn,
+        redis_url,
+        namespace,
+        upstream,
+        mode="submit",
+        api_path="/orphan",
+        target=f"{upstream.url}/value/orphan",
+    )
     line = await asyncio.to_thread(submitter.wait_line, "request_id", 30)
     rid = json.loads(line)["request_id"]
     submitter.kill(signal.SIGKILL)

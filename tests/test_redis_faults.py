@@ -16,7 +16,8 @@ FAULTY = {"socket_timeout": 1.0, "lock_timeout": 1.0, "poll_interval": 0.3}
 
 
 async def test_redis_restart_mid_flight_every_waiter_answered(
-        make_redis_server: Callable[..., EmbeddedServer], make_dedup: Callable[..., Dedup]) -> None:
+    make_redis_server: Callable[..., EmbeddedServer], make_dedup: Callable[..., Dedup]
+) -> None:
     server = make_redis_server()
     a, b = make_dedup(url=server.url, **FAULTY), make_dedup(url=server.url, **FAULTY)
     runs = 0
@@ -43,7 +44,8 @@ async def test_redis_restart_mid_flight_every_waiter_answered(
 
 
 async def test_redis_down_gives_typed_error_within_timeout(
-        make_redis_server: Callable[..., EmbeddedServer], make_dedup: Callable[..., Dedup]) -> None:
+    make_redis_server: Callable[..., EmbeddedServer], make_dedup: Callable[..., Dedup]
+) -> None:
     server = make_redis_server()
     dedup = make_dedup(url=server.url, **FAULTY)
     await dedup.start()
@@ -60,7 +62,9 @@ async def test_redis_down_gives_typed_error_within_timeout(
     assert time.monotonic() - start < 5
 
 
-async def test_unreachable_redis_at_start_is_a_typed_error(make_dedup: Callable[..., Dedup]) -> None:
+async def test_unreachable_redis_at_start_is_a_typed_error(
+    make_dedup: Callable[..., Dedup],
+) -> None:
     dedup = make_dedup(url="redis://127.0.0.1:1/0", socket_timeout=0.5)
 
     async def f() -> int:
@@ -71,11 +75,15 @@ async def test_unreachable_redis_at_start_is_a_typed_error(make_dedup: Callable[
 
 
 async def test_killed_subscriber_connection_loses_no_wakeup(
-        make_redis_server: Callable[..., EmbeddedServer], make_dedup: Callable[..., Dedup]) -> None:
+    make_redis_server: Callable[..., EmbeddedServer], make_dedup: Callable[..., Dedup]
+) -> None:
     import redis.asyncio as aioredis
 
     server = make_redis_server()
-    a, b = make_dedup(url=server.url, poll_interval=30.0), make_dedup(url=server.url, poll_interval=30.0)
+    a, b = (
+        make_dedup(url=server.url, poll_interval=30.0),
+        make_dedup(url=server.url, poll_interval=30.0),
+    )
     await a.start()
     await b.start()
     gate = asyncio.Event()
@@ -95,6 +103,8 @@ async def test_killed_subscriber_connection_loses_no_wakeup(
     gate.set()  # the done message is published while b's subscriber is gone
     start = time.monotonic()
     assert await asyncio.wait_for(waiter, 10) == 5
-    assert time.monotonic() - start < 5  # far below the 30 s safety poll: the resubscribe re-checked
+    assert (
+        time.monotonic() - start < 5
+    )  # far below the 30 s safety poll: the resubscribe re-checked
     assert await executing == 5
     await admin.aclose()

@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable
 
 import pytest
-from upstream import Upstream
 
 from dedupcall import (
     CallFailed,
@@ -18,6 +17,7 @@ from dedupcall import (
     UnknownRequest,
     WaitTimeout,
 )
+from upstream import Upstream
 
 
 async def test_get_request_runs_once_and_duplicates_join(dedup: Dedup, upstream: Upstream) -> None:
@@ -50,13 +50,13 @@ async def test_post_body_and_headers_reach_upstream_and_are_not_kept(
     assert result.success
     assert result.data["method"] == "POST"
     assert '"name"' in result.data["body"] and "Ann" in result.data["body"]
-    assert await dedup._redis.exists(dedup.keys.flight(rid)) == 0  # payload deleted
+    assert await dedup.store.redis.exists(dedup.keys.flight(rid)) == 0  # payload deleted
     # the result holds the response only, never the request's headers
     rid = await dedup.add_get_request(
         "/api/v", f"{upstream.url}/value/v", headers={"X-Token": "secret-value"}
     )
     assert (await dedup.wait_for_result(rid, timeout=5)).success
-    assert b"secret-value" not in await dedup._redis.get(dedup.keys.result(rid))
+    assert b"secret-value" not in await dedup.store.redis.get(dedup.keys.result(rid))
 
 
 async def test_put_and_delete(dedup: Dedup, upstream: Upstream) -> None:
@@ -278,7 +278,7 @@ async def test_malformed_flight_in_redis_fails_and_worker_keeps_going(
     dedup: Dedup, upstream: Upstream
 ) -> None:
     k = dedup.keys
-    await dedup._redis.hset(
+    await dedup.store.redis.hset(
         k.flight("planted"),
         mapping={
             "kind": "request",
@@ -295,14 +295,14 @@ async def test_malformed_flight_in_redis_fails_and_worker_keeps_going(
             "created": 0,
         },
     )
-    await dedup._redis.zadd(k.queue, {"planted": -1e9})
-    await dedup._redis.hset(
+    await dedup.store.redis.zadd(k.queue, {"planted": -1e9})
+    await dedup.store.redis.hset(
         k.flight("planted2"),
         mapping={"kind": "request", "prio": 0, "seq": 2, "payload": '{"method": "GET", "url": 5}'},
     )
-    await dedup._redis.zadd(k.queue, {"planted2": -1e9 + 1})
-    await dedup._redis.zadd(k.queue, {"ghost": -1e9 + 2})  # no hash at all
-    await dedup._redis.set(k.result("garbage"), b"\xff\x00 not a record")
+    await dedup.store.redis.zadd(k.queue, {"planted2": -1e9 + 1})
+    await dedup.store.redis.zadd(k.queue, {"ghost": -1e9 + 2})  # no hash at all
+    await dedup.store.redis.set(k.result("garbage"), b"\xff\x00 not a record")
 
     rid = await dedup.add_get_request("/after", f"{upstream.url}/after")  # triggers grants
     bad = await dedup.wait_for_result("planted", timeout=5)

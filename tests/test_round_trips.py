@@ -9,15 +9,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from monitor import Monitor
-
 from dedupcall import Dedup
+from monitor import Monitor
 
 QUIET = {"heartbeat_interval": 30.0, "lock_timeout": 30.0}  # no sweep or renewal mid-count
 
 
-async def test_round_trips_cold_hit_join(make_redis_server: Callable[..., object],
-                                         make_dedup: Callable[..., Dedup]) -> None:
+async def test_round_trips_cold_hit_join(
+    make_redis_server: Callable[..., object], make_dedup: Callable[..., Dedup]
+) -> None:
     server = make_redis_server()
     a = make_dedup(url=server.url, **QUIET)  # type: ignore[attr-defined]
     b = make_dedup(url=server.url, **QUIET)  # type: ignore[attr-defined]

@@ -18,7 +18,7 @@ import time
 
 import httpx
 
-from dedupcall import DedupError, Dedup
+from dedupcall import Dedup, DedupError
 
 
 async def fetch_value(client: httpx.AsyncClient, upstream: str, key: str, delay: float) -> object:
@@ -94,8 +94,9 @@ async def main() -> None:
             out = await submit_and_hang(dedup, spec)
         else:
             out = await run_worker(dedup)
-        out["stats"] = dedup.stats()
-        out["instance_id"] = dedup.instance_id
+    # after the drain: an execution still finishing when the calls returned is counted too
+    out["stats"] = dedup.stats()
+    out["instance_id"] = dedup.instance_id
     print(json.dumps(out), flush=True)
 
 

@@ -1,0 +1,233 @@
+"""Store: the Redis side of one instance. Its clients, its scripts, one method per
+state transition, and the few plain reads. Every Redis error leaves here as
+``RedisUnavailable``; nothing above this module builds a key or sends a command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from dedupcall.config import Config
+from dedupcall.errors import RedisUnavailable
+from dedupcall.keys import KeySpace
+from dedupcall.models import Grant
+from dedupcall.scripts import Scripts
+
+Reply = list[Any]
+
+
+@contextlib.contextmanager
+def redis_errors() -> Iterator[None]:
+    """Map every client-side Redis failure to ``RedisUnavailable`` (chained)."""
+    try:
+        yield
+    except RedisError as exc:
+        raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from exc
+    except (OSError, TimeoutError) as exc:
+        raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+def pairs(flat: Sequence[Any]) -> dict[bytes, bytes]:
+    """A Redis flat field/value list as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+class Store:
+    """Redis connections and transitions of one instance (``instance_id``) in one namespace.
+
+    Three pools: the main one for calls; a small control one for lease renewal and sweeps,
+    so they never queue behind large transfers; and the subscriber's.
+    """
+
+    def __init__(self, url: str, keys: KeySpace, instance_id: str, config: Config) -> None:
+        self.keys = keys
+        self.instance_id = instance_id
+        self.config = config
+        self.redis = aioredis.Redis(connection_pool=self._pool(url, config.max_connections))
+        self.control = aioredis.Redis(connection_pool=self._pool(url, 2))
+        self.subscriber = aioredis.Redis(connection_pool=self._pool(url, 2))
+        self.scripts = Scripts(self.redis)
+
+    def _pool(self, url: str, size: int) -> aioredis.BlockingConnectionPool:
+        timeout = self.config.socket_timeout
+        return aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=size,
+            timeout=timeout,  # waiting for a free connection: a typed error, never a hang
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),  # we retry where it is safe, not blindly
+        )
+
+    async def close(self) -> None:
+        for client in (self.redis, self.control, self.subscriber):
+            with contextlib.suppress(Exception):
+                await client.aclose()
+                await client.connection_pool.disconnect()
+
+    def hb_ms(self) -> int:
+        """How long a heartbeat keeps this instance alive."""
+        return int(max(3 * self.config.heartbeat_interval, 1.0) * 1000)
+
+    async def _run(self, name: str, keys: list[str], args: list[Any], control: bool = False) -> Any:
+        common = [self.keys.prefix, self.instance_id, int(self.config.retention * 1000)]
+        with redis_errors():
+            return await self.scripts.run(
+                name, keys, common + args, client=self.control if control else None
+            )
+
+    # --- transitions (lua/*.lua) ----------------------------------------------------
+    async def init(self, shared: dict[str, str], info: bytes) -> dict[bytes, bytes]:
+        """Load the scripts, seed shared config where unset, register as alive."""
+        k, args = self.keys, [self.hb_ms(), info]
+        for name, value in shared.items():
+            args += [name, value]
+        with redis_errors():
+            await self.scripts.load(self.redis)
+        reply = await self._run(
+            "init", [k.config, k.instances, k.instance_info(self.instance_id)], args
+        )
+        return pairs(reply)
+
+    async def submit(
+        self,
+        *,
+        kind: str,
+        key: str,
+        digest: str,
+        rid: str,
+        priority: int,
+        ttl_ms: int,
+        cache_failures: bool,
+        fingerprint: str,
+        on_conflict: str,
+        payload: bytes,
+        may_grant: bool,
+    ) -> Reply:
+        k = self.keys
+        keys = [
+            k.cache(digest),
+            k.active(digest),
+            k.flight(rid),
+            k.holders(rid),
+            k.held(self.instance_id),
+            k.seq,
+            k.queue,
+            k.running,
+            k.config,
+        ]
+        args = [
+            kind,
+            digest,
+            key,
+            rid,
+            priority,
+            ttl_ms,
+            int(cache_failures),
+            fingerprint,
+            on_conflict,
+            payload,
+            int(may_grant),
+        ]
+        return list(await self._run("submit", keys, args))
+
+    async def complete(self, grant: Grant, record: bytes, ok: bool) -> Reply:
+        k, rid = self.keys, grant.request_id
+        keys = [k.flight(rid), k.result(rid), k.queue, k.running, k.config]
+        return list(await self._run("complete", keys, [rid, grant.token, record, int(ok), -1]))
+
+    async def retry(self, grant: Grant, final_record: bytes, retry_after_ms: int) -> Reply:
+        k, rid = self.keys, grant.request_id
+        keys = [k.flight(rid), k.result(rid), k.queue, k.delayed, k.running, k.config]
+        args = [rid, grant.token, final_record, random.random(), retry_after_ms]
+        return list(await self._run("retry", keys, args))
+
+    async def release(self, grant: Grant, *, drop: bool) -> Reply:
+        k, rid = self.keys, grant.request_id
+        keys = [k.flight(rid), k.held(self.instance_id), k.queue, k.running, k.config]
+        return list(await self._run("release", keys, [rid, grant.token, int(drop)], control=True))
+
+    async def leave(self, rid: str) -> None:
+        k = self.keys
+        keys = [k.flight(rid), k.holders(rid), k.held(self.instance_id), k.queue, k.instances]
+        await self._run("leave", keys, [rid])
+
+    async def renew(self, grants: list[Grant]) -> tuple[int, set[str]]:
+        """Extend leases; returns the lease length and the ids whose lease is lost."""
+        args: list[Any] = []
+        for grant in grants:
+            args += [grant.request_id, grant.token]
+        lease_ms, lost = await self._run(
+            "renew", [self.keys.running, self.keys.config], args, control=True
+        )
+        return int(lease_ms), {x.decode() for x in lost}
+
+    async def reap(self, info: bytes, want_mine: bool) -> Reply:
+        k = self.keys
+        keys = [
+            k.queue,
+            k.delayed,
+            k.running,
+            k.instances,
+            k.config,
+            k.instance_info(self.instance_id),
+        ]
+        return list(await self._run("reap", keys, [self.hb_ms(), info, int(want_mine)], True))
+
+    async def retire(self) -> None:
+        k = self.keys
+        keys = [
+            k.instances,
+            k.held(self.instance_id),
+            k.instance_info(self.instance_id),
+            k.queue,
+            k.running,
+        ]
+        await self._run("retire", keys, [], control=True)
+
+    async def clear_batch(self, batch: int) -> int:
+        k = self.keys
+        return int(await self._run("clear", [k.queue, k.delayed, k.running], [batch]))
+
+    # --- plain reads and writes -------------------------------------------------------
+    async def read_result(self, rid: str, *, check_flight: bool) -> tuple[bytes | None, bool]:
+        """The stored result of ``rid`` and whether its flight still exists. After a push
+        the result is there: one GET. Otherwise (a safety poll) GET and EXISTS together."""
+        with redis_errors():
+            if not check_flight:
+                found = await self.redis.get(self.keys.result(rid))
+                if isinstance(found, bytes):
+                    return found, True
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.get(self.keys.result(rid))
+            pipe.exists(self.keys.flight(rid))
+            raw, exists = await pipe.execute()
+        return raw, bool(exists)
+
+    async def flight_payload(self, rid: str) -> tuple[str, bytes | None]:
+        """A queued request's readable key and payload."""
+        with redis_errors():
+            key, payload = await self.redis.hmget(self.keys.flight(rid), ["key", "payload"])
+        text = key.decode("utf-8", "replace") if isinstance(key, bytes) else ""
+        return text, payload if isinstance(payload, bytes) else None
+
+    async def shared_config(self) -> dict[bytes, bytes]:
+        with redis_errors():
+            raw = await self.redis.hgetall(self.keys.config)
+        return {k: v for k, v in raw.items() if isinstance(k, bytes) and isinstance(v, bytes)}
+
+    async def write_shared_config(self, fields: dict[str, str]) -> None:
+        """Write shared config and tell every instance, in one transaction."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.keys.config, mapping=dict(fields))  # type: ignore[arg-type]
+        pipe.publish(self.keys.control_channel, "config")
+        with redis_errors():
+            await pipe.execute()
