@@ -410,7 +410,7 @@ def table(results: dict[str, Any]) -> str:
     def row(label: str, name: str, ratio: bool) -> None:
         m = results[name]
         times = f"{m['median_us'] / floor:>9.1f}" if ratio else f"{'':>9}"
-        lines.append(f"{label:<34}{m['median_us']:>12.1f}{m['p99_us']:>12.1f}{times}")
+        lines.append(f"{label:<34}{m['median_us']:>12.1f}{m['p99_us']:>12.1f}{times}".rstrip())
 
     row("1 floor: PING", "floor", False)
     row("2 hit: cached key", "hit", True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -335,6 +336,7 @@ class Dedup:
         self._counters[outcome] += 1
         if not result.success:
             self._counters["failed"] += 1
+        result = dataclasses.replace(result, outcome=outcome)
         return result, (lf.local_error if outcome == "executed" else None)
 
     async def _drive(self, lf: LocalFlight) -> None:

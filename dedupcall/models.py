@@ -19,7 +19,9 @@ class Result:
     """The outcome of one flight, as every caller of that flight sees it.
 
     ``cached`` is true when the result was already stored when this call or wait began;
-    ``executed_by`` is the instance id that ran the successful or last attempt.
+    ``executed_by`` is the instance id that ran the successful or last attempt;
+    ``outcome`` says how this caller got it: ``executed`` (its process ran the call),
+    ``joined`` (it waited for another caller's run) or ``cached``.
     """
 
     success: bool
@@ -33,6 +35,7 @@ class Result:
     error_type: str | None = None
     kind: str = "function"
     cached: bool = False
+    outcome: str | None = None  # for this caller: executed | joined | cached
 
     @classmethod
     def from_record(cls, record: dict[str, Any], *, cached: bool = False) -> Result:
