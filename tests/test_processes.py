@@ -204,3 +204,29 @@ async def test_queued_request_survives_the_death_of_its_submitter(
 
 async def _running(dedup: Dedup) -> bool:
     return (await dedup.get_queue_status()).running == 1
+
+
+async def test_flight_whose_every_holder_died_is_failed_and_cleaned(
+    spawn: Spawner, redis_url: str, namespace: str, upstream: Upstream,
+    make_dedup: Callable[..., Dedup],
+) -> None:
+    dedup = make_dedup(max_concurrent=1)
+    gate = asyncio.Event()
+
+    async def hold() -> int:
+        await gate.wait()
+        return 1
+
+    blocker = asyncio.create_task(dedup.call("/blocker", hold))
+    await until(lambda: _running(dedup))
+    holder = child(spawn, redis_url, namespace, upstream, keys=["/orphan-fn"], callers=3)
+    await until(lambda: dedup.get_flight_by_key("/orphan-fn"))
+    item = await dedup.get_flight_by_key("/orphan-fn")
+    assert item is not None and item.state == "queued"
+    holder.kill(signal.SIGKILL)
+    result = await dedup.wait_for_result(item.request_id, timeout=10)
+    assert (result.success, result.error_type) == (False, "NoHolder")
+    assert (await dedup.get_queue_status()).queue_length == 0
+    gate.set()
+    assert await blocker == 1
+    assert upstream.hits() == 0

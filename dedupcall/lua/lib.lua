@@ -40,20 +40,21 @@ local function has_live_holder(id, now)
 end
 
 -- Queued requests go to the calling worker when it is alive (it just freed a slot),
--- else to the freshest worker; function and transport flights to a live holder.
+-- else to the freshest worker; function and transport flights to the calling instance if
+-- it holds them, else to the holder with the freshest heartbeat (a holder that died a
+-- moment ago still looks alive until its heartbeat expires, but it beat last long ago).
 local function pick_executor(id, kind, now)
   if kind == 'request' then
     if live(ME, now) then return ME end
     return redis.call('ZREVRANGEBYSCORE', I, '+inf', now, 'LIMIT', 0, 1)[1]
   end
-  local holders = redis.call('SMEMBERS', P .. 'h:' .. id)
-  for _, h in ipairs(holders) do
-    if h == ME and live(h, now) then return h end
+  local best, best_score = nil, now
+  for _, h in ipairs(redis.call('SMEMBERS', P .. 'h:' .. id)) do
+    local s = tonumber(redis.call('ZSCORE', I, h) or 0)
+    if h == ME and s > now then return h end
+    if s > best_score then best, best_score = h, s end
   end
-  for _, h in ipairs(holders) do
-    if live(h, now) then return h end
-  end
-  return nil
+  return best
 end
 
 -- Store the result, index a cacheable success, drop every trace of the flight, wake waiters.
