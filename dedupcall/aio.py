@@ -2,12 +2,14 @@
 
 ``asyncio.wait_for`` on Python 3.10/3.11 can swallow a cancellation that races its
 timeout (CPython gh-86296); a worker whose stop request is swallowed never stops.
+Python 3.11's ``asyncio.timeout`` does not, and needs no extra task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -22,6 +24,16 @@ async def within(awaitable: Awaitable[T], timeout: float | None) -> T:
     """
     if timeout is None:
         return await awaitable
+    if sys.version_info >= (3, 11):
+        # No extra task; counts cancellations, so a stop request is never swallowed.
+        limit = asyncio.timeout(timeout)
+        try:
+            async with limit:
+                return await awaitable
+        except TimeoutError:
+            if limit.expired():
+                raise TimeoutError(f"timed out after {timeout} s") from None
+            raise
     task = asyncio.ensure_future(awaitable)
     try:
         done, _ = await asyncio.wait({task}, timeout=timeout)

@@ -357,7 +357,10 @@ class Dedup:
                     return
                 self._by_id[rid] = lf
                 if verdict == "granted":
-                    self.worker.on_grant(Grant.from_reply([rid, *reply[2:5], lf.kind]))
+                    grant = Grant.from_reply([rid, *reply[2:5], lf.kind])
+                    if self.worker.accept(grant):  # run it in this task: no hop
+                        lf.executing = True
+                        await self._execute_local(lf, grant)
                 state = await self._wait_done(lf, rid)
                 if state == "resolved":
                     return

@@ -88,6 +88,7 @@ class Worker:
         self._renew_task: asyncio.Task[None] | None = None
         self._wake_sweep = Wakeup()
         self._wake_renew = Wakeup()
+        self._idle = asyncio.Event()  # set when no attempt runs (what a drain waits for)
         self._http: httpx.AsyncClient | None = None
         self._want_mine = True
         self.draining = False
@@ -102,9 +103,10 @@ class Worker:
     async def drain(self, timeout: float) -> None:
         """Stop taking grants, let running attempts finish for ``timeout`` s, release the rest."""
         self.draining = True
-        running = [lease.task for lease in self._leases.values() if lease.task is not None]
-        if running:
-            await asyncio.wait(running, timeout=timeout)
+        if self._leases:
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await within(self._idle.wait(), timeout)
         for lease in list(self._leases.values()):
             if lease.task is not None and not lease.task.done():
                 lease.task.cancel()
@@ -130,19 +132,25 @@ class Worker:
         return len(self._leases)
 
     # --- grants ------------------------------------------------------------------
-    def on_grant(self, grant: Grant) -> None:
-        """A grant pushed to (or returned to) this instance: run it, or give it back."""
+    def accept(self, grant: Grant) -> bool:
+        """Take a grant to run it; False if it is already running or ran (a sweep's
+        listing can repeat a grant we were pushed or given)."""
         ident = (grant.request_id, grant.token)
         if ident in self._accepted or ident in self._finished:
-            return  # already running or ran this grant (a sweep re-listed it)
+            return False
+        self._accepted.add(ident)
+        return True
+
+    def on_grant(self, grant: Grant) -> None:
+        """A grant pushed to (or returned to) this instance: run it, or give it back."""
         if self.draining:
             self.spawn(self.release(grant, drop=False), "dedupcall-release")
+        elif not self.accept(grant):
+            return
         elif grant.kind == "request":
-            self._accepted.add(ident)
             self.spawn(self.execute(grant, self.http_attempt), f"dedupcall-req-{grant.request_id}")
-        elif self.dedup._run_local_grant(grant):
-            self._accepted.add(ident)
-        else:
+        elif not self.dedup._run_local_grant(grant):
+            self._accepted.discard((grant.request_id, grant.token))
             # No caller here holds the function any more: let another holder run it.
             self.spawn(self.release(grant, drop=True), "dedupcall-release")
 
@@ -173,6 +181,8 @@ class Worker:
                 raise
         finally:
             self._leases.pop(rid, None)
+            if not self._leases:
+                self._idle.set()
             self._accepted.discard((rid, grant.token))
             self._finished[(rid, grant.token)] = None
             if len(self._finished) > 4096:
