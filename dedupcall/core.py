@@ -213,8 +213,7 @@ class Dedup:
 
     async def _on_resubscribe(self) -> None:
         # Anything finished or granted while we were unsubscribed: look again.
-        for rid in self._notifier.watched():
-            self._notifier.mark_done(rid)
+        self._notifier.wake_all()
         if self._ready:
             self.worker.wake_sweep(mine=True)
 
@@ -384,6 +383,11 @@ class Dedup:
         poll = self.config.poll_interval
         outage: float | None = None  # since when Redis has been unreachable
         while not lf.future.done():
+            if lf.execution is not None and not lf.execution.done():
+                # Our own attempt runs: its outcome (with the original exception) comes
+                # from it, not from the push it is about to cause.
+                await asyncio.wait({lf.future, lf.execution}, return_when=asyncio.FIRST_COMPLETED)
+                continue
             if lf.abandoned and not lf.executing:
                 return "abandoned"
             watch = self._notifier.watch(rid)
@@ -396,8 +400,14 @@ class Dedup:
                 self._notifier.unwatch(rid, watch)
             if lf.future.done() or (lf.left.done() and not lf.executing and not watch.done()):
                 continue
+            if lf.execution is not None and not lf.execution.done():
+                continue  # granted to us meanwhile: wait for our own attempt (loop top)
+            pushed = watch.result() if watch.done() else None
+            if pushed:  # the result rode in the push: no round trip
+                lf.resolve(self._decode_result(pushed))
+                continue
             try:
-                raw, exists = await self.store.read_result(rid, check_flight=not watch.done())
+                raw, exists = await self.store.read_result(rid, check_flight=pushed is None)
             except RedisUnavailable:
                 # Ride out a short outage (a restart, a failover); past one lease, give up.
                 outage = outage or time.monotonic()
@@ -419,7 +429,9 @@ class Dedup:
         if lf is None or lf.abandoned or lf.future.done():
             return False
         lf.executing = True
-        self.worker.spawn(self._execute_local(lf, grant), f"dedupcall-exec-{grant.request_id}")
+        lf.execution = self.worker.spawn(
+            self._execute_local(lf, grant), f"dedupcall-exec-{grant.request_id}"
+        )
         return True
 
     async def _execute_local(self, lf: LocalFlight, grant: Grant) -> None:
@@ -548,8 +560,11 @@ class Dedup:
         while True:
             watch = self._notifier.watch(request_id)
             try:
+                pushed = watch.result() if watch.done() else None
+                if pushed:  # it just finished and the result rode in the push
+                    return self._decode_result(pushed, cached=first)
                 raw, exists = await self.store.read_result(
-                    request_id, check_flight=first or not watch.done()
+                    request_id, check_flight=first or pushed is None
                 )
                 if raw is not None:
                     return self._decode_result(raw, cached=first)

@@ -47,6 +47,7 @@ class LocalFlight:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     driver: asyncio.Task[Any] | None = None
+    execution: asyncio.Task[Any] | None = None  # an attempt of ours running in its own task
 
     def resolve(
         self, result: Result, *, executed_here: bool = False, error: BaseException | None = None

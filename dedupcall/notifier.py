@@ -54,8 +54,8 @@ class Notifier:
         self._on_grant = on_grant
         self._on_control = on_control
         self._on_resubscribe = on_resubscribe
-        self._watchers: dict[str, set[asyncio.Future[None]]] = {}
-        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._watchers: dict[str, set[asyncio.Future[bytes | None]]] = {}
+        self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
         self.connected_once = asyncio.Event()
@@ -74,34 +74,40 @@ class Notifier:
         self._watchers.clear()
 
     # --- waiters -------------------------------------------------------------------
-    def watch(self, request_id: str) -> asyncio.Future[None]:
-        """A future resolved when ``request_id`` finishes (at once if it just did)."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def watch(self, request_id: str) -> asyncio.Future[bytes | None]:
+        """A future resolved when ``request_id`` finished (at once if it just did): with
+        the result when it rode in the push, ``b""`` when it is to be read from Redis, or
+        ``None`` when nothing is known and the waiter should simply look again."""
+        fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         if request_id in self._recent:
-            fut.set_result(None)
+            fut.set_result(self._recent[request_id])
         else:
             self._watchers.setdefault(request_id, set()).add(fut)
         return fut
 
-    def unwatch(self, request_id: str, fut: asyncio.Future[None]) -> None:
+    def unwatch(self, request_id: str, fut: asyncio.Future[bytes | None]) -> None:
         futures = self._watchers.get(request_id)
         if futures is not None:
             futures.discard(fut)
             if not futures:
                 del self._watchers[request_id]
 
-    def watched(self) -> list[str]:
-        """Ids with at least one waiter (re-checked after a reconnect)."""
-        return list(self._watchers)
-
-    def mark_done(self, request_id: str) -> None:
+    def mark_done(self, request_id: str, result: bytes = b"") -> None:
         """Wake every waiter of ``request_id`` and remember it briefly."""
-        self._recent[request_id] = None
+        self._recent[request_id] = result
         if len(self._recent) > RECENT_DONE:
             self._recent.popitem(last=False)
         for fut in self._watchers.pop(request_id, ()):
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(result)
+
+    def wake_all(self) -> None:
+        """Wake every waiter to look again (after a reconnect a push may have been lost)."""
+        watchers, self._watchers = self._watchers, {}
+        for futures in watchers.values():
+            for fut in futures:
+                if not fut.done():
+                    fut.set_result(None)
 
     # --- connection loop -----------------------------------------------------------
     async def _run(self) -> None:
@@ -164,10 +170,12 @@ class Notifier:
             return
         channel, data = msg["channel"], msg["data"]
         assert isinstance(data, bytes)
-        text = data.decode()
         if channel == self._done_channel:
-            self.mark_done(text)
-        elif channel == self._grant_channel:
+            request_id, _, result = data.partition(b" ")
+            self.mark_done(request_id.decode(), result)
+            return
+        text = data.decode()
+        if channel == self._grant_channel:
             parts = text.split(" ")
             if len(parts) == 6 and parts[0] == "g":
                 self._on_grant(Grant(parts[1], parts[2], int(parts[3]), int(parts[4]), parts[5]))

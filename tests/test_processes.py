@@ -207,7 +207,10 @@ async def _running(dedup: Dedup) -> bool:
 
 
 async def test_flight_whose_every_holder_died_is_failed_and_cleaned(
-    spawn: Spawner, redis_url: str, namespace: str, upstream: Upstream,
+    spawn: Spawner,
+    redis_url: str,
+    namespace: str,
+    upstream: Upstream,
     make_dedup: Callable[..., Dedup],
 ) -> None:
     dedup = make_dedup(max_concurrent=1)

@@ -1,7 +1,8 @@
 """Round trips per call, counted by a real MONITOR on a private server.
 
 DESIGN.md: cache hit 1; uncontended cold call 2 (submit-and-grant, complete); joining
-waiter 2 (submit, read the result after the push).
+waiter 1 plus the push when the result is small enough to ride in it, else 2 (submit,
+then one GET after the push).
 """
 
 from __future__ import annotations
@@ -37,28 +38,39 @@ async def test_round_trips_cold_hit_join(
 
         gate = asyncio.Event()
 
-        async def held() -> int:
-            await gate.wait()
-            return 2
+        async def join(key: str, value: object) -> list[str]:
+            """Commands the joiner ``b`` sends while ``a`` runs ``key`` and returns ``value``."""
 
-        executing = asyncio.create_task(a.call("/rt/join", held))
-        while a.worker.executing == 0:
-            await asyncio.sleep(0.005)
-        mon.mark("join-start")
-        joiner = asyncio.create_task(b.call("/rt/join", held))
-        while not b._by_id:
-            await asyncio.sleep(0.001)
-        await asyncio.sleep(0.05)  # b's submit has returned; it now waits for the push
-        gate.set()
-        assert (await executing, await joiner) == (2, 2)
-        mon.mark("join-end")
+            async def held() -> object:
+                await gate.wait()
+                return value
 
+            gate.clear()
+            executing = asyncio.create_task(a.call(key, held))
+            while a.worker.executing == 0:
+                await asyncio.sleep(0.005)
+            mon.mark(f"{key}-start")
+            joiner = asyncio.create_task(b.call(key, held))
+            while not b._by_id:
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.05)  # b's submit has returned; it now waits for the push
+            gate.set()
+            assert (await executing, await joiner) == (value, value)
+            mon.mark(f"{key}-end")
+            commands = mon.between(f"{key}-start", f"{key}-end")
+            return [c.name for c in commands if c.name != "script:complete"]  # a's
+
+        gate = asyncio.Event()
+        small = await join("/rt/join-small", 2)
+        big = await join("/rt/join-big", "x" * 2000)
         cold = [c.name for c in mon.between("cold-start", "cold-end")]
         hit = [c.name for c in mon.between("cold-end", "hit-end")]
-        join = mon.between("join-start", "join-end")
 
     assert cold == ["script:submit", "script:complete"]
     assert hit == ["script:submit"]
-    joiner_commands = [c.name for c in join if c.name != "script:complete"]
-    assert joiner_commands == ["script:submit", "GET"]
-    print(f"\nround trips: cold={len(cold)} hit={len(hit)} join={len(joiner_commands)}")
+    assert small == ["script:submit"]  # the result rode in the push
+    assert big == ["script:submit", "GET"]  # too big to ride: one GET after the push
+    print(
+        f"\nround trips: cold={len(cold)} hit={len(hit)} join={len(small)} (+push), "
+        f"join with a big result={len(big)}"
+    )

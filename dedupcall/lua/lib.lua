@@ -77,7 +77,13 @@ local function finish(id, result, cacheable, ttl_ms)
   redis.call('ZREM', Q, id)
   redis.call('ZREM', D, id)
   redis.call('ZREM', R, id)
-  redis.call('PUBLISH', P .. 'done', id)
+  -- A small result rides in the notification (saves waiters a GET); big ones never do:
+  -- subscribers must stay far below the pub/sub output buffer limit.
+  if #result <= 512 then
+    redis.call('PUBLISH', P .. 'done', id .. ' ' .. result)
+  else
+    redis.call('PUBLISH', P .. 'done', id)
+  end
 end
 
 -- A failure decided inside Redis (no executor produced it): never cached.
