@@ -67,6 +67,16 @@ COUNTERS = (
 )
 
 
+def exception_types(value: Any) -> tuple[type[BaseException], ...]:
+    """``retry_on`` as a tuple of exception classes, or ``ConfigError``."""
+    types = (value,) if isinstance(value, type) else value
+    if not isinstance(types, (tuple, list, set, frozenset)) or not all(
+        isinstance(t, type) and issubclass(t, BaseException) for t in types
+    ):
+        raise ConfigError(f"retry_on must be exception classes, got {value!r}")
+    return tuple(types)
+
+
 class Dedup:
     """Routes calls for the same key, from any number of processes, into one execution.
 
@@ -125,28 +135,41 @@ class Dedup:
             return
         if self._closed:
             raise DedupError("this Dedup is closed")
-        if self._starting is not None:
-            self._check_loop()
-            await asyncio.shield(self._starting)
-            return
-        self._loop = asyncio.get_running_loop()
-        self._starting = self._loop.create_future()
+        if self._starting is None:
+            self._loop = asyncio.get_running_loop()
+            # Its own task: a first caller cancelled mid-start cancels neither the start
+            # nor the other callers waiting for it.
+            self._starting = self._loop.create_task(self._start(), name="dedupcall-start")
+        self._check_loop()
+        starting = self._starting
         try:
-            await self._start()
-        except BaseException as exc:
-            self._starting.set_exception(exc)
-            self._starting.exception()  # retrieved: concurrent starters re-raise it
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            if not starting.cancelled():
+                raise  # only this caller was cancelled
             self._starting = None
-            await self.store.close()
+            raise DedupError("starting was cancelled") from None
+        except BaseException:
+            if self._starting is starting:
+                self._starting = None  # the next use tries again
             raise
-        self._ready = True
-        self._starting.set_result(None)
 
     def _check_loop(self) -> None:
         if self._loop is not asyncio.get_running_loop():
             raise DedupError("this Dedup is bound to another event loop; create one per loop")
 
     async def _start(self) -> None:
+        try:
+            await self._connect()
+        except BaseException:
+            if hasattr(self, "_notifier"):
+                await self._notifier.stop()
+            if hasattr(self, "store"):
+                await self.store.close()
+            raise
+        self._ready = True
+
+    async def _connect(self) -> None:
         self.store = Store(self.url, self.keys, self.instance_id, self.config)
         self.worker = Worker(self)
         self._notifier = Notifier(
@@ -163,7 +186,6 @@ class Dedup:
         try:
             await within(self._notifier.connected_once.wait(), self.config.socket_timeout * 2)
         except TimeoutError:
-            await self._notifier.stop()
             raise RedisUnavailable("could not subscribe to notifications in time") from None
         self.worker.start()
 
@@ -174,7 +196,7 @@ class Dedup:
             return
         self._closed = True
         if self._starting is not None and not self._starting.done():
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(BaseException):
                 await asyncio.shield(self._starting)  # a start in progress finishes first
         if not self._ready:
             return
@@ -302,6 +324,7 @@ class Dedup:
         validate_priority(priority)
         validate({"result_ttl": ttl} if ttl is not None else {})
         validate({"timeout": timeout} if timeout is not None else {})
+        retry_on = exception_types(retry_on)
         text = codec.readable_key(key)
         await self._ensure()
         slot = (kind, codec.key_digest(kind, key))
@@ -356,7 +379,7 @@ class Dedup:
                     return
                 self._by_id[rid] = lf
                 if verdict == "granted":
-                    grant = Grant.from_reply([rid, *reply[2:5], lf.kind])
+                    grant = Grant.from_reply([rid, *reply[2:5], lf.kind, lf.digest])
                     if self.worker.accept(grant):  # run it in this task: no hop
                         lf.executing = True
                         await self._execute_local(lf, grant)
@@ -373,6 +396,8 @@ class Dedup:
         except Exception as exc:
             lf.fail(exc if isinstance(exc, DedupError) else RedisUnavailable(str(exc)))
         finally:
+            # Cancelled (a shutdown) or ended without an answer: its callers must not hang.
+            lf.fail(DedupError(f"the flight for {lf.key!r} was stopped before it finished"))
             if self._local.get((lf.kind, lf.digest)) is lf:
                 del self._local[(lf.kind, lf.digest)]
             if lf.request_id is not None and self._by_id.get(lf.request_id) is lf:
@@ -423,16 +448,23 @@ class Dedup:
                 return "vanished"
         return "resolved"
 
-    def _run_local_grant(self, grant: Grant) -> bool:
-        """Run a grant for a function/transport flight held here; False if none is."""
+    def _run_local_grant(self, grant: Grant) -> str:
+        """Run a grant for a function/transport flight held here: "running" (started, or
+        adopted by our attempt in progress), "busy" (our attempt is completing) or "gone"
+        (no caller here holds it)."""
         lf = self._by_id.get(grant.request_id)
+        if lf is None:
+            # Joined a flight whose id the submit reply has not told us yet.
+            lf = self._local.get((grant.kind, grant.digest))
         if lf is None or lf.abandoned or lf.future.done():
-            return False
+            return "gone"
+        if lf.executing:
+            return "running" if self.worker.adopt(grant) else "busy"
         lf.executing = True
         lf.execution = self.worker.spawn(
             self._execute_local(lf, grant), f"dedupcall-exec-{grant.request_id}"
         )
-        return True
+        return "running"
 
     async def _execute_local(self, lf: LocalFlight, grant: Grant) -> None:
         try:
@@ -543,7 +575,7 @@ class Dedup:
             )
         self._counters[verdict if verdict in ("cached", "joined") else "queued"] += 1
         if verdict == "granted":
-            self.worker.on_grant(Grant.from_reply([rid, *reply[2:5], "request"]))
+            self.worker.on_grant(Grant.from_reply([rid, *reply[2:5], "request", lf.digest]))
         return rid
 
     async def wait_for_result(self, request_id: str, timeout: float | None = 30.0) -> Result:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +103,15 @@ def function_attempt(
             value = fn()
             if inspect.isawaitable(value):
                 value = await within(value, execution_timeout())
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if sys.version_info < (3, 11) or task is None or task.cancelling():
+                raise  # we are being cancelled (a shutdown): not the function's outcome
+            # The function itself raised it (it awaited something cancelled): a failure.
+            record = codec.result_record(
+                ok=False, error_type="Cancelled", message=f"{what} was cancelled: {exc}", **fields
+            )
+            return Outcome(record, ok=False, error=exc)
         except Exception as exc:
             etype = "ExecutionTimeout" if isinstance(exc, TimeoutError) else type(exc).__name__
             record = codec.result_record(

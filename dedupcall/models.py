@@ -109,18 +109,20 @@ class QueueItem:
 
 @dataclass(frozen=True)
 class Grant:
-    """Permission to run one attempt of a flight, fenced by ``token``."""
+    """Permission to run one attempt of a flight, fenced by ``token``. ``digest`` names
+    the flight's key, so a grant can find its caller before the submit reply has."""
 
     request_id: str
     token: str
     attempts: int
     lease_ms: int
     kind: str
+    digest: str = ""
 
     @classmethod
     def from_reply(cls, reply: list[Any]) -> Grant:
-        rid, token, att, lease, kind = reply
-        return cls(_text(rid), _text(token), int(att), int(lease), _text(kind))
+        rid, token, att, lease, kind, digest = reply
+        return cls(_text(rid), _text(token), int(att), int(lease), _text(kind), _text(digest))
 
 
 def _text(value: Any) -> str:

@@ -177,8 +177,8 @@ class Notifier:
         text = data.decode()
         if channel == self._grant_channel:
             parts = text.split(" ")
-            if len(parts) == 6 and parts[0] == "g":
-                self._on_grant(Grant(parts[1], parts[2], int(parts[3]), int(parts[4]), parts[5]))
+            if len(parts) == 7 and parts[0] == "g":
+                self._on_grant(Grant.from_reply(parts[1:]))
             else:
                 log.warning("dedupcall ignored a malformed grant message %r", text[:200])
         else:

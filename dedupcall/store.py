@@ -206,7 +206,8 @@ class Store:
                 found = await self.redis.get(self.keys.result(rid))
                 if isinstance(found, bytes):
                     return found, True
-            pipe = self.redis.pipeline(transaction=False)
+            # MULTI: a completion between the two reads must not look like a lost flight.
+            pipe = self.redis.pipeline(transaction=True)
             pipe.get(self.keys.result(rid))
             pipe.exists(self.keys.flight(rid))
             raw, exists = await pipe.execute()

@@ -63,8 +63,12 @@ class Finished:
 
 @dataclass
 class _Lease:
+    """One attempt running here. ``grant`` may be replaced by a newer grant of the same
+    flight (``adopt``); ``lease_ms`` follows the shared ``lock_timeout`` as renewals
+    report it."""
+
     grant: Grant
-    deadline: float  # monotonic: past it we assume the lease is gone (self-fencing)
+    lease_ms: int
     task: asyncio.Task[Any] | None = None
     lost: bool = False
 
@@ -145,21 +149,34 @@ class Worker:
         """A grant pushed to (or returned to) this instance: run it, or give it back."""
         if self.draining:
             self.spawn(self.release(grant, drop=False), "dedupcall-release")
-        elif not self.accept(grant):
+        elif not self.accept(grant) or self.adopt(grant):
             return
         elif grant.kind == "request":
             self.spawn(self.execute(grant, self.http_attempt), f"dedupcall-req-{grant.request_id}")
-        elif not self.dedup._run_local_grant(grant):
-            self._accepted.discard((grant.request_id, grant.token))
-            # No caller here holds the function any more: let another holder run it.
-            self.spawn(self.release(grant, drop=True), "dedupcall-release")
+        else:
+            taken = self.dedup._run_local_grant(grant)
+            if taken != "running":
+                self._accepted.discard((grant.request_id, grant.token))
+                # "gone": no caller here holds the function any more, let another holder
+                # run it; "busy": our attempt is completing, the flight may come back.
+                self.spawn(self.release(grant, drop=taken == "gone"), "dedupcall-release")
+
+    def adopt(self, grant: Grant) -> bool:
+        """A newer grant for a flight whose attempt already runs here (its lease lapsed,
+        e.g. a loop stall, and the flight came back to us): that attempt carries on under
+        the new token instead of a second, concurrent one starting."""
+        lease = self._leases.get(grant.request_id)
+        if lease is None or int(grant.token) <= int(lease.grant.token):
+            return False
+        lease.grant, lease.lease_ms, lease.lost = grant, grant.lease_ms, False
+        return True
 
     async def release(self, grant: Grant, *, drop: bool) -> None:
         """Give a grant back unrun; with ``drop``, stop holding its flight too."""
         with contextlib.suppress(RedisUnavailable):
             reply = await self.store.release(grant, drop=drop)
-            if reply[0] == b"released" and not self.draining:
-                self.on_grants(reply[1])
+            if reply[0] == b"released":
+                self.on_grants(reply[1])  # while draining, on_grant gives them back too
 
     def on_grants(self, replies: list[Any]) -> None:
         for reply in replies:
@@ -167,8 +184,7 @@ class Worker:
 
     async def execute(self, grant: Grant, attempt: Attempt) -> Finished:
         """Run one attempt under its lease, then complete or retry it (fenced by the token)."""
-        lease = _Lease(grant, time.monotonic() + grant.lease_ms / 1000)
-        lease.task = asyncio.current_task()
+        lease = _Lease(grant, grant.lease_ms, asyncio.current_task())
         self._leases[grant.request_id] = lease
         self._wake_renew.set()
         rid = grant.request_id
@@ -177,16 +193,31 @@ class Worker:
                 outcome = await attempt(grant)
             except asyncio.CancelledError:
                 # Shutdown: hand the flight back at once instead of waiting for expiry.
-                await asyncio.shield(self.release(grant, drop=False))
+                await asyncio.shield(self.release(lease.grant, drop=False))
                 raise
+            except Exception as exc:  # an attempt must not escape: fail the flight, typed
+                record = codec.result_record(
+                    ok=False,
+                    request_id=rid,
+                    key="",
+                    kind=grant.kind,
+                    attempts=grant.attempts,
+                    executed_by=self.dedup.instance_id,
+                    error_type="InternalError",
+                    message=f"{type(exc).__name__}: {exc}",
+                )
+                outcome = Outcome(record, ok=False, error=exc)
         finally:
-            self._leases.pop(rid, None)
+            if self._leases.get(rid) is lease:
+                del self._leases[rid]
             if not self._leases:
                 self._idle.set()
-            self._accepted.discard((rid, grant.token))
-            self._finished[(rid, grant.token)] = None
-            if len(self._finished) > 4096:
+            for ident in {(rid, grant.token), (rid, lease.grant.token)}:
+                self._accepted.discard(ident)
+                self._finished[ident] = None
+            while len(self._finished) > 4096:
                 self._finished.popitem(last=False)
+        grant = lease.grant  # the newest grant of this flight: complete under its token
         self.stats["executions"] += 1
         try:
             return await asyncio.shield(self._finish(grant, outcome))
@@ -327,13 +358,13 @@ class Worker:
             if not self._leases:
                 await self._wake_renew.sleep(3600)
                 continue
-            leases = list(self._leases.values())
-            interval = min(lease.grant.lease_ms for lease in leases) / 3000
+            # A third of the shortest lease; renewals report the current lock_timeout, so
+            # a lease shortened by update_config is renewed at its new pace.
+            interval = min(lease.lease_ms for lease in self._leases.values()) / 3000
             await asyncio.sleep(interval)
             leases = [lease for lease in self._leases.values() if not lease.lost]
             if not leases:
                 continue
-            sent = time.monotonic()
             try:
                 lease_ms, lost_ids = await self.store.renew([lease.grant for lease in leases])
             except RedisUnavailable as exc:
@@ -347,4 +378,4 @@ class Worker:
                         extra={"request_id": lease.grant.request_id},
                     )
                 else:
-                    lease.deadline = sent + lease_ms / 1000
+                    lease.lease_ms = lease_ms

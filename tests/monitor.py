@@ -74,6 +74,12 @@ class Monitor:
             time.sleep(0.005)
         raise AssertionError(f"marker {label} never seen by MONITOR")
 
+    def query(self, *args: str) -> bytes:
+        """Run a command on the marker connection (not counted); its raw reply line."""
+        frame = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+        self._marker.sendall(frame.encode())
+        return self._marker.recv(65536)
+
     def between(self, start: str, end: str) -> list[Command]:
         """Commands from clients (not Lua, not markers) between two markers."""
         with self._lock:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from dedupcall import CallFailed, ConfigError, Dedup, SerializationError, WaitTimeout
+from dedupcall import CallFailed, ConfigError, Dedup, DedupError, SerializationError, WaitTimeout
 
 
 async def test_concurrent_callers_share_one_execution(dedup: Dedup) -> None:
@@ -137,8 +137,12 @@ async def test_cancelled_last_waiter_drops_queued_flight(make_dedup: Callable[..
         await release.wait()
         return "b"
 
+    dropped_ran = 0
+
     async def never() -> str:
-        raise AssertionError("a dropped flight must not run")
+        nonlocal dropped_ran
+        dropped_ran += 1
+        return "must not run"
 
     running = asyncio.create_task(dedup.call("/blocker", blocker))
     await asyncio.sleep(0.05)
@@ -160,6 +164,7 @@ async def test_cancelled_last_waiter_drops_queued_flight(make_dedup: Callable[..
     release.set()
     assert await running == "b"
     assert (await dedup.get_queue_status()).queue_length == 0
+    assert dropped_ran == 0
 
 
 async def test_bad_arguments_raise_typed_errors(dedup: Dedup) -> None:
@@ -238,3 +243,82 @@ async def test_several_dedups_in_one_process_share_by_redis(
     assert (await first, await second) == (7, 7)
     assert runs == 1
     assert b.stats()["joined"] == 1
+
+
+async def test_lease_shortened_mid_call_is_renewed_at_the_new_pace(
+    make_dedup: Callable[..., Dedup],
+) -> None:
+    dedup = make_dedup(lock_timeout=3.0)
+    other = make_dedup(lock_timeout=3.0)
+    await other.start()
+    runs = 0
+
+    async def slow() -> str:
+        nonlocal runs
+        runs += 1
+        await asyncio.sleep(2.0)
+        return "done"
+
+    first = asyncio.create_task(dedup.call("/shrink", slow))
+    while runs == 0:
+        await asyncio.sleep(0.01)
+    second = asyncio.create_task(other.call("/shrink", slow))
+    await dedup.update_config(lock_timeout=0.5)  # a config change is not a fault
+    assert (await first, await second) == ("done", "done")
+    assert runs == 1
+    assert dedup.stats()["lease_lost"] == 0
+
+
+async def test_function_raising_cancelled_error_fails_its_callers(dedup: Dedup) -> None:
+    async def cancelled_inside() -> None:
+        inner = asyncio.ensure_future(asyncio.sleep(10))
+        inner.cancel()
+        await inner  # raises CancelledError although nobody cancelled the caller
+
+    with pytest.raises(CallFailed) as info:
+        await dedup.call("/cancelled-inside", cancelled_inside, timeout=5)
+    assert info.value.error_type == "Cancelled"
+
+
+async def test_bad_retry_on_is_a_config_error(dedup: Dedup) -> None:
+    async def f() -> int:
+        return 1
+
+    with pytest.raises(ConfigError):
+        await dedup.call("/x", f, retry_on="ConnectionError")  # type: ignore[arg-type]
+    assert await dedup.call("/x", f, retry_on=[ConnectionError]) == 1  # type: ignore[arg-type]
+    assert (await dedup.get_queue_status()).running == 0
+
+
+async def test_aclose_during_a_running_call_answers_its_caller(
+    make_dedup: Callable[..., Dedup],
+) -> None:
+    dedup = make_dedup(drain_timeout=0.2)
+    started = asyncio.Event()
+
+    async def forever() -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    caller = asyncio.create_task(dedup.call("/forever", forever))
+    await started.wait()
+    await dedup.aclose()
+    with pytest.raises(DedupError):
+        await asyncio.wait_for(caller, 5)
+
+
+async def test_first_caller_cancelled_during_start_harms_no_one(
+    make_dedup: Callable[..., Dedup],
+) -> None:
+    dedup = make_dedup()
+
+    async def f() -> int:
+        return 3
+
+    first = asyncio.create_task(dedup.call("/start", f))
+    others = [asyncio.create_task(dedup.call("/start", f)) for _ in range(20)]
+    await asyncio.sleep(0)  # the first caller is inside start()
+    first.cancel()
+    assert await asyncio.gather(*others) == [3] * 20
+    with pytest.raises(asyncio.CancelledError):
+        await first

@@ -313,3 +313,28 @@ async def test_malformed_flight_in_redis_fails_and_worker_keeps_going(
     garbage = await dedup.wait_for_result("garbage", timeout=1)
     assert (garbage.success, garbage.error_type) == (False, "MalformedResult")
     assert (await dedup.get_queue_status()).queue_length == 0
+
+
+async def test_cached_answer_is_not_shared_with_a_different_credential(
+    dedup: Dedup, upstream: Upstream
+) -> None:
+    url = f"{upstream.url}/echo"
+    alice = await dedup.add_get_request("/api/me", url, headers={"Authorization": "Bearer ALICE"})
+    assert (await dedup.wait_for_result(alice, 5)).success
+    # the same request again: served from the cache
+    assert (
+        await dedup.add_get_request("/api/me", url, headers={"Authorization": "Bearer ALICE"})
+        == alice
+    )
+    with pytest.raises(ConflictError) as info:
+        await dedup.add_get_request("/api/me", url, headers={"Authorization": "Bearer BOB"})
+    assert info.value.request_id == alice
+    with pytest.raises(ConflictError):
+        await dedup.add_post_request(
+            "/api/me", url, {"x": 1}, headers={"Authorization": "Bearer ALICE"}
+        )
+    joined = await dedup.add_get_request(
+        "/api/me", url, headers={"Authorization": "Bearer BOB"}, on_conflict="join"
+    )
+    assert joined == alice  # only when the caller asks for it
+    assert upstream.hits("/echo") == 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from dedupcall import Dedup
+from dedupcall import Dedup, codec
 from monitor import Monitor
 
 QUIET = {"heartbeat_interval": 30.0, "lock_timeout": 30.0}  # no sweep or renewal mid-count
@@ -51,9 +51,10 @@ async def test_round_trips_cold_hit_join(
                 await asyncio.sleep(0.005)
             mon.mark(f"{key}-start")
             joiner = asyncio.create_task(b.call(key, held))
-            while not b._by_id:
-                await asyncio.sleep(0.001)
-            await asyncio.sleep(0.05)  # b's submit has returned; it now waits for the push
+            rid = a._local[("function", codec.key_digest("function", key))].request_id
+            assert rid is not None
+            while mon.query("SCARD", a.keys.holders(rid)) != b":2\r\n":  # b has joined
+                await asyncio.sleep(0.005)
             gate.set()
             assert (await executing, await joiner) == (value, value)
             mon.mark(f"{key}-end")

@@ -60,11 +60,11 @@ end
 -- Store the result, index a cacheable success, drop every trace of the flight, wake waiters.
 local function finish(id, result, cacheable, ttl_ms)
   local f = P .. 'f:' .. id
-  local digest = redis.call('HGET', f, 'digest')
+  local digest, fp = unpack(redis.call('HMGET', f, 'digest', 'fp'))
   redis.call('SET', P .. 'r:' .. id, result, 'PX', math.max(RETENTION, ttl_ms, 1))
   if digest then
     if cacheable and ttl_ms > 0 then
-      redis.call('SET', P .. 'c:' .. digest, id, 'PX', ttl_ms)
+      redis.call('SET', P .. 'c:' .. digest, id .. ' ' .. (fp or ''), 'PX', ttl_ms)
     end
     if redis.call('GET', P .. 'k:' .. digest) == id then
       redis.call('DEL', P .. 'k:' .. digest)
@@ -126,7 +126,7 @@ local function fill(now, out)
     if max > 0 and redis.call('ZCARD', R) >= max then return end
     local id = redis.call('ZRANGE', Q, 0, 0)[1]
     if not id then return end
-    local kind = redis.call('HGET', P .. 'f:' .. id, 'kind')
+    local kind, digest = unpack(redis.call('HMGET', P .. 'f:' .. id, 'kind', 'digest'))
     if not kind then
       redis.call('ZREM', Q, id)  -- its hash is gone: self-heal
     else
@@ -134,10 +134,10 @@ local function fill(now, out)
       if exec then
         local token, att = grant(id, exec, now, lease)
         if exec == ME then
-          out[#out + 1] = { id, token, att, lease, kind }
+          out[#out + 1] = { id, token, att, lease, kind, digest or '' }
         else
-          redis.call('PUBLISH', P .. 'i:' .. exec,
-            'g ' .. id .. ' ' .. token .. ' ' .. att .. ' ' .. lease .. ' ' .. kind)
+          redis.call('PUBLISH', P .. 'i:' .. exec, 'g ' .. id .. ' ' .. token .. ' ' .. att
+            .. ' ' .. lease .. ' ' .. kind .. ' ' .. (digest or ''))
         end
       else
         fail(id, 'NoExecutor', 'every instance that could run this flight is gone')

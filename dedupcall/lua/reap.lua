@@ -54,8 +54,11 @@ end
 local mine = {}
 if ARGV[6] == '1' then
   for _, id in ipairs(redis.call('ZRANGE', R, 0, -1)) do
-    local exec, token, att, kind = unpack(redis.call('HMGET', P .. 'f:' .. id, 'exec', 'token', 'att', 'kind'))
-    if exec == ME then mine[#mine + 1] = { id, token, tonumber(att), lease_ms(), kind } end
+    local exec, token, att, kind, digest = unpack(redis.call('HMGET', P .. 'f:' .. id,
+      'exec', 'token', 'att', 'kind', 'digest'))
+    if exec == ME then
+      mine[#mine + 1] = { id, token, tonumber(att), lease_ms(), kind, digest or '' }
+    end
   end
 end
 return { out, next_in(D), next_in(R), mine, redis.call('HGETALL', P .. 'config'), reaped }

@@ -5,16 +5,22 @@
 -- ARGV[4] kind  ARGV[5] digest  ARGV[6] readable key  ARGV[7] new id  ARGV[8] priority
 -- ARGV[9] result ttl ms (-1: config)  ARGV[10] cache failures 0|1  ARGV[11] fingerprint
 -- ARGV[12] on_conflict raise|join  ARGV[13] payload  ARGV[14] may grant now 0|1
+-- A cached success or a flight in progress answers only the same request (its
+-- fingerprint: method, URL, body and credential digests) unless on_conflict is 'join'.
 -- returns {'cached', id, result} | {'conflict', id} | {'joined', id, state}
 --       | {'granted', id, token, attempts, lease ms} | {'queued', id}
 local cache_key, active_key, f, h, held = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local kind, digest, key, id = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local prio = tonumber(ARGV[8])
 
-local cached_id = redis.call('GET', cache_key)
-if cached_id then
+local cached = redis.call('GET', cache_key)
+if cached then
+  local cached_id, cached_fp = string.match(cached, '^(%S+) ?(.*)$')
   local result = redis.call('GET', P .. 'r:' .. cached_id)
-  if result then return { 'cached', cached_id, result } end
+  if result then
+    if cached_fp ~= ARGV[11] and ARGV[12] ~= 'join' then return { 'conflict', cached_id } end
+    return { 'cached', cached_id, result }
+  end
   redis.call('DEL', cache_key)
 end
 
