@@ -289,6 +289,9 @@ class Dedup:
         (``__cause__`` is the original exception in the process that ran it), ``WaitTimeout``
         after ``timeout`` seconds, or ``RedisUnavailable``. ``retry_on`` names the exception
         types worth another attempt (with backoff, up to ``max_retries``).
+
+        ``fn`` takes no arguments and is async (or returns an awaitable); it runs on the
+        event loop, so wrap blocking code: ``lambda: asyncio.to_thread(blocking)``.
         """
         result, error = await self._call_flight(
             "function",
