@@ -64,6 +64,7 @@ COUNTERS = (
     "failures",
     "lease_lost",
     "timeouts",
+    "reconnects",
 )
 
 
@@ -342,7 +343,7 @@ class Dedup:
             ttl_ms = -1 if ttl is None else int(ttl * 1000)
             lf = LocalFlight(kind, text, slot[1], attempt, priority, ttl_ms, cache_failures)
             self._local[slot] = lf
-            lf.driver = self.worker.spawn(self._drive(lf), "dedupcall-flight")
+            self.worker.spawn(self._drive(lf), "dedupcall-flight")
         elif lf.abandoned:
             lf.revive()
         lf.waiters += 1
@@ -681,10 +682,12 @@ class Dedup:
     def stats(self) -> dict[str, int]:
         """This instance's counters: calls ``executed``, ``joined``, ``cached`` and
         ``failed``; ``queued`` requests; ``executions``, ``retries``, ``failures`` and
-        ``lease_lost`` of its worker; ``timeouts`` of its waiters."""
+        ``lease_lost`` of its worker; ``timeouts`` of its waiters; ``reconnects`` of its
+        subscriber connection."""
         out = dict.fromkeys(COUNTERS, 0)
         out.update(self._counters)
         worker = getattr(self, "worker", None)
         if worker is not None:
             out.update(worker.stats)
+            out["reconnects"] = self._notifier.reconnects
         return out

@@ -47,7 +47,6 @@ class LocalFlight:
     left: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
-    driver: asyncio.Task[Any] | None = None
     execution: asyncio.Task[Any] | None = None  # an attempt of ours running in its own task
 
     def resolve(

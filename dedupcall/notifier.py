@@ -57,7 +57,6 @@ class Notifier:
         self._watchers: dict[str, set[asyncio.Future[bytes | None]]] = {}
         self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
-        self.ready = asyncio.Event()
         self.connected_once = asyncio.Event()
         self.reconnects = 0
 
@@ -121,7 +120,6 @@ class Notifier:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any connection failure: reconnect, never die
-                self.ready.clear()
                 self.reconnects += 1
                 log.warning("dedupcall subscriber lost its connection (%s); reconnecting", exc)
                 await asyncio.sleep(delay * (0.5 + random.random()))
@@ -144,7 +142,6 @@ class Notifier:
                 pending.discard(msg["channel"])
             else:
                 self._dispatch(msg)
-        self.ready.set()
         self.connected_once.set()
         # Messages published while we were not subscribed are lost: re-check now.
         await self._on_resubscribe()

@@ -107,4 +107,5 @@ async def test_killed_subscriber_connection_loses_no_wakeup(
         time.monotonic() - start < 5
     )  # far below the 30 s safety poll: the resubscribe re-checked
     assert await executing == 5
+    assert b.stats()["reconnects"] >= 1
     await admin.aclose()
