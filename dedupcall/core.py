@@ -185,9 +185,13 @@ class Dedup:
         self._apply_shared(decode_shared(shared))
         self._notifier.start()
         try:
-            await within(self._notifier.connected_once.wait(), self.config.socket_timeout * 2)
+            await within(
+                asyncio.shield(self._notifier.first_subscribe), 2 * self.config.socket_timeout
+            )
         except TimeoutError:
             raise RedisUnavailable("could not subscribe to notifications in time") from None
+        except Exception as exc:
+            raise RedisUnavailable(f"could not subscribe to notifications: {exc}") from exc
         self.worker.start()
 
     async def aclose(self) -> None:

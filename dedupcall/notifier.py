@@ -57,7 +57,9 @@ class Notifier:
         self._watchers: dict[str, set[asyncio.Future[bytes | None]]] = {}
         self._recent: OrderedDict[str, bytes] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
-        self.connected_once = asyncio.Event()
+        # How the first subscription went: a start fails fast (e.g. NOPERM on channels)
+        # instead of waiting out a timeout; later failures only reconnect.
+        self.first_subscribe: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.reconnects = 0
 
     def start(self) -> None:
@@ -120,6 +122,9 @@ class Notifier:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any connection failure: reconnect, never die
+                if not self.first_subscribe.done():
+                    self.first_subscribe.set_exception(exc)
+                    self.first_subscribe.exception()  # retrieved: the starter may be gone
                 self.reconnects += 1
                 log.warning("dedupcall subscriber lost its connection (%s); reconnecting", exc)
                 await asyncio.sleep(delay * (0.5 + random.random()))
@@ -142,7 +147,8 @@ class Notifier:
                 pending.discard(msg["channel"])
             else:
                 self._dispatch(msg)
-        self.connected_once.set()
+        if not self.first_subscribe.done():
+            self.first_subscribe.set_result(None)
         # Messages published while we were not subscribed are lost: re-check now.
         await self._on_resubscribe()
 
