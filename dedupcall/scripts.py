@@ -8,6 +8,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+from dedupcall.batch import Batcher
 
 NAMES = (
     "submit",
@@ -54,3 +57,13 @@ class Scripts:
     ) -> Any:
         """Run script ``name`` with ``keys`` and ``args``, optionally on another client."""
         return await self._scripts[name](keys=keys, args=args, client=client)
+
+    async def run_batched(
+        self, name: str, keys: list[str], args: list[Any], batcher: Batcher
+    ) -> Any:
+        """Run script ``name`` in the next automatic pipeline; reload it after NOSCRIPT."""
+        script = self._scripts[name]
+        try:
+            return await batcher.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await script(keys=keys, args=args)  # loads it, then runs it

@@ -15,6 +15,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from dedupcall.batch import Batcher
 from dedupcall.config import Config
 from dedupcall.errors import RedisUnavailable
 from dedupcall.keys import KeySpace
@@ -55,6 +56,7 @@ class Store:
         self.control = aioredis.Redis(connection_pool=self._pool(url, 2))
         self.subscriber = aioredis.Redis(connection_pool=self._pool(url, 2))
         self.scripts = Scripts(self.redis)
+        self.batcher = Batcher(self.redis)
 
     def _pool(self, url: str, size: int) -> aioredis.BlockingConnectionPool:
         timeout = self.config.socket_timeout
@@ -80,9 +82,9 @@ class Store:
     async def _run(self, name: str, keys: list[str], args: list[Any], control: bool = False) -> Any:
         common = [self.keys.prefix, self.instance_id, int(self.config.retention * 1000)]
         with redis_errors():
-            return await self.scripts.run(
-                name, keys, common + args, client=self.control if control else None
-            )
+            if control:
+                return await self.scripts.run(name, keys, common + args, client=self.control)
+            return await self.scripts.run_batched(name, keys, common + args, self.batcher)
 
     # --- transitions (lua/*.lua) ----------------------------------------------------
     async def init(self, shared: dict[str, str], info: bytes) -> dict[bytes, bytes]:
@@ -203,7 +205,7 @@ class Store:
         the result is there: one GET. Otherwise (a safety poll) GET and EXISTS together."""
         with redis_errors():
             if not check_flight:
-                found = await self.redis.get(self.keys.result(rid))
+                found = await self.batcher.execute("GET", self.keys.result(rid))
                 if isinstance(found, bytes):
                     return found, True
             # MULTI: a completion between the two reads must not look like a lost flight.

@@ -1,0 +1,85 @@
+"""Automatic pipelining: while a command is on its way, the commands issued meanwhile
+leave together as one pipeline (one connection, one write, one read loop), so many
+concurrent callers share a few connections and pay the client's per-command overhead
+once per batch. A lone command goes straight out: batching never adds latency to it.
+
+A caller that is cancelled only stops waiting: the batch is never cancelled half-way,
+so no connection is left with unread replies (redis-py CVE-2023-28858's lesson).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from redis.asyncio import Redis
+
+MAX_BATCH = 256
+
+
+class Batcher:
+    """Queue commands; flush them together at the end of the current loop turn."""
+
+    def __init__(self, client: Redis) -> None:
+        self._client = client
+        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._scheduled = False
+        self._sending: set[asyncio.Task[None]] = set()
+        self._direct = 0  # lone commands on their way
+
+    async def execute(self, *args: Any) -> Any:
+        """Send ``args`` as one command and return its reply (or raise its error)."""
+        if not self._direct and not self._pending and not self._sending:
+            self._direct += 1
+            try:
+                return await self._client.execute_command(*args)  # type: ignore[no-untyped-call]
+            finally:
+                self._direct -= 1
+        return await self._enqueue(args)
+
+    def _enqueue(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((args, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        while self._pending:
+            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            task = asyncio.ensure_future(self._send(batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for args, _ in batch:
+            pipe.execute_command(*args)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:  # the connection failed: every command in it did
+            for _, future in batch:
+                _settle(future, error=exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if isinstance(reply, Exception):
+                _settle(future, error=reply)
+            else:
+                _settle(future, value=reply)
+
+
+def _settle(
+    future: asyncio.Future[Any], *, value: Any = None, error: BaseException | None = None
+) -> None:
+    if future.done():
+        return  # its caller stopped waiting
+    if error is None:
+        future.set_result(value)
+        return
+    future.set_exception(error if isinstance(error, Exception) else ConnectionError(str(error)))
+    future.exception()  # retrieved: a caller that left must not cause an asyncio warning
