@@ -233,3 +233,31 @@ async def test_flight_whose_every_holder_died_is_failed_and_cleaned(
     gate.set()
     assert await blocker == 1
     assert upstream.hits() == 0
+
+
+async def test_poison_call_that_kills_every_executor_fails_after_max_retries(
+    spawn: Spawner,
+    redis_url: str,
+    namespace: str,
+    upstream: Upstream,
+    make_dedup: Callable[..., Dedup],
+) -> None:
+    watcher = make_dedup(max_retries=1)  # seeds the namespace's shared config
+    await watcher.start()
+    victims = [
+        child(spawn, redis_url, namespace, upstream, keys=["/poison"], crash=True) for _ in range(3)
+    ]
+    rid = None
+    while rid is None:
+        item = await watcher.get_flight_by_key("/poison")
+        rid = item.request_id if item else None
+        await asyncio.sleep(0.01)
+    result = await watcher.wait_for_result(rid, timeout=15)
+    assert (result.success, result.error_type) == (False, "LeaseExpired")
+    assert result.attempts == 2  # 1 + max_retries runs, then no further requeue
+    ends = [await asyncio.to_thread(v.wait, 15) for v in victims]
+    assert sorted(code for code, _, _ in ends) == [0, 1, 1]  # two ran it and died
+    survivor = next(out for code, out, _ in ends if code == 0)
+    assert "LeaseExpired" in survivor  # the third was told, and lived
+    status = await watcher.get_queue_status()
+    assert (status.queue_length, status.running, status.delayed) == (0, 0, 0)

@@ -2,7 +2,8 @@
 
 Usage: python caller.py '<json spec>'. Spec fields: url, namespace, upstream, config (dict),
 mode ("call" | "config" | "worker"), and per mode:
-- call: keys (list), callers (per key), delay (upstream seconds), timeout
+- call: keys (list), callers (per key), delay (upstream seconds), timeout; crash: true
+  makes the call kill the process that runs it
 - config: expect (dict of shared values to wait for), within (seconds)
 - submit: api_path, target (url): queue one GET request, print its id, then hang
 - worker: runs until SIGTERM, then drains and exits 0
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -27,6 +29,10 @@ async def fetch_value(client: httpx.AsyncClient, upstream: str, key: str, delay:
     return response.json()
 
 
+async def crash() -> None:
+    os._exit(1)  # a poison call: whoever runs it dies
+
+
 async def run_calls(dedup: Dedup, spec: dict) -> dict:
     results: dict[str, list] = {}
     errors: list[str] = []
@@ -36,7 +42,9 @@ async def run_calls(dedup: Dedup, spec: dict) -> dict:
             try:
                 value = await dedup.call(
                     key,
-                    lambda: fetch_value(client, spec["upstream"], key, spec.get("delay", 0.1)),
+                    crash
+                    if spec.get("crash")
+                    else lambda: fetch_value(client, spec["upstream"], key, spec.get("delay", 0.1)),
                     timeout=spec.get("timeout", 30.0),
                 )
                 results.setdefault(key, []).append(value)
