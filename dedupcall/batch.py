@@ -18,10 +18,12 @@ MAX_BATCH = 256
 
 
 class Batcher:
-    """Queue commands; flush them together at the end of the current loop turn."""
+    """Queue commands; flush them together at the end of the current loop turn, with at
+    most ``max_inflight`` batches on their way (so at most that many connections)."""
 
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis, max_inflight: int = 8) -> None:
         self._client = client
+        self._max_inflight = max_inflight
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
@@ -48,11 +50,17 @@ class Batcher:
 
     def _flush(self) -> None:
         self._scheduled = False
-        while self._pending:
+        while self._pending and len(self._sending) < self._max_inflight:
             batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             task = asyncio.ensure_future(self._send(batch))
             self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+            task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        if self._pending and not self._scheduled:  # what queued meanwhile goes next
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         pipe = self._client.pipeline(transaction=False)

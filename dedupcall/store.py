@@ -56,7 +56,8 @@ class Store:
         self.control = aioredis.Redis(connection_pool=self._pool(url, 2))
         self.subscriber = aioredis.Redis(connection_pool=self._pool(url, 2))
         self.scripts = Scripts(self.redis)
-        self.batcher = Batcher(self.redis)
+        # Room for the one lone command and a status read beside the batches.
+        self.batcher = Batcher(self.redis, max_inflight=max(1, config.max_connections - 2))
 
     def _pool(self, url: str, size: int) -> aioredis.BlockingConnectionPool:
         timeout = self.config.socket_timeout

@@ -5,16 +5,25 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import redis.asyncio as aioredis
+
 from dedupcall import Dedup
+from dedupcall.embedded import EmbeddedServer
 
 
-async def test_thousands_of_callers_on_a_small_pool_never_see_too_many_connections(
-    make_dedup: Callable[..., Dedup],
+async def test_thousands_of_callers_share_a_small_pool(
+    make_redis_server: Callable[..., EmbeddedServer], make_dedup: Callable[..., Dedup]
 ) -> None:
-    dedup = make_dedup(max_connections=4)
+    server = make_redis_server()
+    dedup = make_dedup(url=server.url, max_connections=4)
+    admin = aioredis.Redis.from_url(server.url, single_connection_client=True)
+    one_at_a_time = asyncio.Lock()
+    peak = 0
 
     async def value(i: int) -> int:
-        await asyncio.sleep(0.01)
+        nonlocal peak
+        async with one_at_a_time:
+            peak = max(peak, int((await admin.info("clients"))["connected_clients"]))
         return i
 
     keys = [f"/load/{i}" for i in range(1500)]
@@ -26,3 +35,6 @@ async def test_thousands_of_callers_on_a_small_pool_never_see_too_many_connectio
     assert results[1500:] == list(range(500))  # joined or cached: the first caller's value
     stats = dedup.stats()
     assert stats["executed"] == 1500 and stats["failed"] == 0
+    # never "Too many connections": 4 for calls, 2 control, 1-2 subscriber, 1 for this test
+    assert peak <= 4 + 2 + 2 + 1
+    await admin.aclose()
