@@ -111,11 +111,16 @@ class Worker:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
                 await within(self._idle.wait(), timeout)
-        for lease in list(self._leases.values()):
-            if lease.task is not None and not lease.task.done():
-                lease.task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=max(1.0, timeout))
+        stopping = [
+            lease.task
+            for lease in self._leases.values()
+            if lease.task is not None and not lease.task.done()
+        ]
+        for task in stopping:
+            task.cancel()  # each hands its flight back (release) as it stops
+        releasing = [t for t in self._tasks if t.get_name() == "dedupcall-release"]
+        if stopping or releasing:
+            await asyncio.wait([*stopping, *releasing], timeout=max(1.0, timeout))
 
     async def stop(self) -> None:
         tasks = [t for t in (self._sweep_task, self._renew_task, *self._tasks) if t is not None]
