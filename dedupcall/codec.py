@@ -1,6 +1,6 @@
 """Pure encoding: results and request payloads to and from JSON bytes, and key digests.
 
-Nothing here touches Redis. Only JSON crosses Redis: never pickle, never an import path.
+Nothing here touches Redis. Only JSON crosses Redis: no pickled objects, no import paths.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -41,3 +42,33 @@ async def dedup(make_dedup: Callable[..., Dedup]) -> Dedup:
     d = make_dedup()
     await d.start()
     return d
+
+
+class Blocker:
+    """A call that holds one ``max_concurrent`` slot until ``release()``."""
+
+    def __init__(self, dedup: Dedup, key: str, priority: int) -> None:
+        self.gate = asyncio.Event()
+
+        async def hold() -> int:
+            await self.gate.wait()
+            return 1
+
+        self.key = key
+        self.task = asyncio.create_task(dedup.call(key, hold, priority=priority))
+
+    async def release(self) -> object:
+        """Let the call finish; returns its value."""
+        self.gate.set()
+        return await self.task
+
+
+async def hold_slot(dedup: Dedup, key: str = "/blocker", priority: int = 0) -> Blocker:
+    """Start a call that occupies a slot, and return once it is running."""
+    blocker = Blocker(dedup, key, priority)
+    for _ in range(500):
+        item = await dedup.get_flight_by_key(key)
+        if item is not None and item.state == "running":
+            return blocker
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{key} never started running")

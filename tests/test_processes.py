@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from dedup_fixtures import hold_slot
 from dedupcall import Dedup
 from procs import Proc, Spawner
 from upstream import Upstream
@@ -169,14 +170,7 @@ async def test_queued_request_survives_the_death_of_its_submitter(
     make_dedup: Callable[..., Dedup],
 ) -> None:
     dedup = make_dedup(max_concurrent=1)
-    gate = asyncio.Event()
-
-    async def hold() -> int:
-        await gate.wait()
-        return 1
-
-    blocker = asyncio.create_task(dedup.call("/blocker", hold))
-    await until(lambda: _running(dedup))
+    blocker = await hold_slot(dedup)
     submitter = child(
         spawn,
         redis_url,
@@ -192,18 +186,13 @@ async def test_queued_request_survives_the_death_of_its_submitter(
     await asyncio.to_thread(submitter.wait, 10)
     worker = child(spawn, redis_url, namespace, upstream, mode="worker")
     await asyncio.to_thread(worker.wait_line, "working", 30)
-    gate.set()
-    await blocker
+    await blocker.release()
     result = await dedup.wait_for_result(rid, timeout=10)
     assert result.success and result.data["path"] == "/value/orphan"
     assert upstream.hits("/value/orphan") == 1
     worker.kill(signal.SIGTERM)
     code, _, _ = await asyncio.to_thread(worker.wait, 15)
     assert code == 0  # graceful stop on SIGTERM
-
-
-async def _running(dedup: Dedup) -> bool:
-    return (await dedup.get_queue_status()).running == 1
 
 
 async def test_flight_whose_every_holder_died_is_failed_and_cleaned(
@@ -214,14 +203,7 @@ async def test_flight_whose_every_holder_died_is_failed_and_cleaned(
     make_dedup: Callable[..., Dedup],
 ) -> None:
     dedup = make_dedup(max_concurrent=1)
-    gate = asyncio.Event()
-
-    async def hold() -> int:
-        await gate.wait()
-        return 1
-
-    blocker = asyncio.create_task(dedup.call("/blocker", hold))
-    await until(lambda: _running(dedup))
+    blocker = await hold_slot(dedup)
     holder = child(spawn, redis_url, namespace, upstream, keys=["/orphan-fn"], callers=3)
     await until(lambda: dedup.get_flight_by_key("/orphan-fn"))
     item = await dedup.get_flight_by_key("/orphan-fn")
@@ -230,8 +212,7 @@ async def test_flight_whose_every_holder_died_is_failed_and_cleaned(
     result = await dedup.wait_for_result(item.request_id, timeout=10)
     assert (result.success, result.error_type) == (False, "NoHolder")
     assert (await dedup.get_queue_status()).queue_length == 0
-    gate.set()
-    assert await blocker == 1
+    assert await blocker.release() == 1
     assert upstream.hits() == 0
 
 

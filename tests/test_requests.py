@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
+from dedup_fixtures import hold_slot
 from dedupcall import (
     CallFailed,
     ConfigError,
@@ -117,14 +118,7 @@ async def test_different_request_same_path_conflicts_unless_join(
     make_dedup: Callable[..., Dedup], upstream: Upstream
 ) -> None:
     dedup = make_dedup(max_concurrent=1)
-    gate = asyncio.Event()
-
-    async def hold() -> int:
-        await gate.wait()
-        return 1
-
-    blocker = asyncio.create_task(dedup.call("/blocker", hold))
-    await asyncio.sleep(0.05)
+    blocker = await hold_slot(dedup)
     rid = await dedup.add_get_request(
         "/api/me", f"{upstream.url}/echo", headers={"Authorization": "Bearer A"}
     )
@@ -141,8 +135,7 @@ async def test_different_request_same_path_conflicts_unless_join(
         "/api/me", f"{upstream.url}/echo", headers={"Authorization": "Bearer B"}, on_conflict="join"
     )
     assert joined == rid
-    gate.set()
-    await blocker
+    await blocker.release()
     assert (await dedup.wait_for_result(rid, 5)).success
 
 
@@ -150,14 +143,7 @@ async def test_priority_order_and_fifo_within_priority(
     make_dedup: Callable[..., Dedup], upstream: Upstream
 ) -> None:
     dedup = make_dedup(max_concurrent=1)
-    gate = asyncio.Event()
-
-    async def hold() -> int:
-        await gate.wait()
-        return 1
-
-    blocker = asyncio.create_task(dedup.call("/blocker", hold))
-    await asyncio.sleep(0.05)
+    blocker = await hold_slot(dedup)
     plan = [(1, "a"), (0, "b"), (2, "c"), (1, "d"), (2, "e"), (0, "f"), (-1, "g")]
     ids = [
         await dedup.add_get_request(f"/p/{name}", f"{upstream.url}/p/{name}", priority=prio)
@@ -168,8 +154,7 @@ async def test_priority_order_and_fifo_within_priority(
     items = await dedup.get_queue_items()
     queued = [i for i in items if i.state == "queued"]
     assert [i.key for i in queued] == ["/p/f", "/p/c", "/p/e", "/p/a", "/p/d", "/p/b", "/p/g"]
-    gate.set()
-    await blocker
+    await blocker.release()
     await asyncio.gather(*[dedup.wait_for_result(rid, 10) for rid in ids])
     assert upstream.order == ["/p/f", "/p/c", "/p/e", "/p/a", "/p/d", "/p/b", "/p/g"]
 
@@ -178,14 +163,7 @@ async def test_queue_items_status_and_clear(
     make_dedup: Callable[..., Dedup], upstream: Upstream
 ) -> None:
     dedup = make_dedup(max_concurrent=1)
-    gate = asyncio.Event()
-
-    async def hold() -> int:
-        await gate.wait()
-        return 1
-
-    blocker = asyncio.create_task(dedup.call("/blocker", hold, priority=5))
-    await asyncio.sleep(0.05)
+    blocker = await hold_slot(dedup, priority=5)
     ids = [
         await dedup.add_get_request(f"/q/{i}", f"{upstream.url}/q/{i}", priority=i % 2)
         for i in range(5)
@@ -216,8 +194,7 @@ async def test_queue_items_status_and_clear(
         assert isinstance(result.to_error(), QueueCleared)
     assert (await dedup.get_queue_status()).queue_length == 0
     assert await dedup.get_flight(ids[0]) is None
-    gate.set()
-    await blocker
+    await blocker.release()
     assert upstream.hits() == 0
 
 
@@ -227,21 +204,13 @@ async def test_wait_for_result_unknown_and_timeout(
     dedup = make_dedup(max_concurrent=1)
     with pytest.raises(UnknownRequest):
         await dedup.wait_for_result("no-such-id", timeout=1)
-    gate = asyncio.Event()
-
-    async def hold() -> int:
-        await gate.wait()
-        return 1
-
-    blocker = asyncio.create_task(dedup.call("/blocker", hold))
-    await asyncio.sleep(0.05)
+    blocker = await hold_slot(dedup)
     rid = await dedup.add_get_request("/later", f"{upstream.url}/later")
     start = time.monotonic()
     with pytest.raises(WaitTimeout):
         await dedup.wait_for_result(rid, timeout=0.3)
     assert time.monotonic() - start < 2
-    gate.set()
-    await blocker
+    await blocker.release()
     assert (await dedup.wait_for_result(rid, timeout=5)).success  # the flight itself went on
 
 
