@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from dedupcall.errors import ConfigError
 
@@ -168,25 +168,72 @@ def url_from_env(environ: Mapping[str, str] | None = None) -> str | None:
     return f"redis://{auth}{host}:{port}/{db}"
 
 
+SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+
+
 def check_url(url: str) -> str:
-    """Validate a Redis URL's scheme; return it unchanged."""
-    scheme = urlsplit(url).scheme
-    if scheme not in ("redis", "rediss", "unix"):
+    """Validate a Redis URL's scheme (and a Sentinel URL's shape); return it unchanged."""
+    scheme = urlsplit(url).scheme if isinstance(url, str) else None
+    if scheme not in SCHEMES:
         raise ConfigError(
-            f"Redis URL must start with redis://, rediss:// or unix://, got {redact(url)!r}"
+            f"Redis URL must start with one of {', '.join(s + '://' for s in SCHEMES)}, "
+            f"got {redact(url) if isinstance(url, str) else url!r}"
         )
+    if scheme.endswith("+sentinel"):
+        parse_sentinel_url(url)
     return url
 
 
 def redact(url: str) -> str:
     """The URL with any password replaced by ``***``."""
     parts = urlsplit(url)
-    if parts.password is None:
+    auth, at, hosts = parts.netloc.rpartition("@")
+    if not at or ":" not in auth:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    user = auth.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    """``redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]``; the
+    password is the master's; ``?sentinel_password=`` logs in to the sentinels."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+    sentinel_password: str | None
+    tls: bool
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """Parse a Sentinel URL; ``ConfigError`` when it is malformed."""
+    parts = urlsplit(url)
+    auth, _, hosts = parts.netloc.rpartition("@")
+    user, _, password = auth.partition(":")
+    sentinels = []
+    for host in hosts.split(","):
+        name, _, port = host.rpartition(":")
+        if not name or not port.isdigit():
+            raise ConfigError(
+                f"Sentinel address must be host:port, got {host!r} in {redact(url)!r}"
+            )
+        sentinels.append((name, int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ConfigError(f"Sentinel URL needs /<service name>[/<db>], got {redact(url)!r}")
+    query = dict(parse_qsl(parts.query))
+    return SentinelTarget(
+        sentinels=tuple(sentinels),
+        service=path[0],
+        db=int(path[1]) if len(path) == 2 else 0,
+        username=unquote(user) or None,
+        password=unquote(password) or None,
+        sentinel_password=query.get("sentinel_password"),
+        tls=parts.scheme.startswith("rediss"),
+    )
 
 
 def validate_namespace(namespace: str) -> str:

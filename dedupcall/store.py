@@ -12,11 +12,12 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from dedupcall.batch import Batcher
-from dedupcall.config import Config
+from dedupcall.config import Config, SentinelTarget, parse_sentinel_url
 from dedupcall.errors import RedisUnavailable
 from dedupcall.keys import KeySpace
 from dedupcall.models import Grant
@@ -36,6 +37,27 @@ def redis_errors() -> Iterator[None]:
         raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
 
+class BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """A Sentinel-managed pool (follows failovers to the new master) that waits for a
+    free connection instead of failing with "Too many connections"."""
+
+
+def _sentinel(url: str, config: Config) -> tuple[Sentinel, SentinelTarget]:
+    target = parse_sentinel_url(url)
+    timeout = config.socket_timeout
+    manager = Sentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels),
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        sentinel_kwargs={
+            "password": target.sentinel_password,
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+        },
+    )
+    return manager, target
+
+
 def pairs(flat: Sequence[Any]) -> dict[bytes, bytes]:
     """A Redis flat field/value list as a dict."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
@@ -52,26 +74,42 @@ class Store:
         self.keys = keys
         self.instance_id = instance_id
         self.config = config
-        self.redis = aioredis.Redis(connection_pool=self._pool(url, config.max_connections))
-        self.control = aioredis.Redis(connection_pool=self._pool(url, 2))
-        self.subscriber = aioredis.Redis(connection_pool=self._pool(url, 2))
+        self._sentinel = _sentinel(url, config) if "+sentinel://" in url else None
+        self.redis = self._client(url, config.max_connections)
+        self.control = self._client(url, 2)
+        self.subscriber = self._client(url, 2)
         self.scripts = Scripts(self.redis)
         # Room for the one lone command and a status read beside the batches.
         self.batcher = Batcher(self.redis, max_inflight=max(1, config.max_connections - 2))
 
-    def _pool(self, url: str, size: int) -> aioredis.BlockingConnectionPool:
+    def _client(self, url: str, size: int) -> aioredis.Redis:
         timeout = self.config.socket_timeout
-        return aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=size,
-            timeout=timeout,  # waiting for a free connection: a typed error, never a hang
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),  # we retry where it is safe, not blindly
+        options: dict[str, Any] = {
+            "max_connections": size,
+            "timeout": timeout,  # waiting for a free connection: a typed error, never a hang
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0),  # we retry where it is safe, not blindly
+        }
+        if self._sentinel is not None:
+            manager, target = self._sentinel
+            client: aioredis.Redis = manager.master_for(
+                target.service,
+                connection_pool_class=BlockingSentinelPool,
+                db=target.db,
+                username=target.username,
+                password=target.password,
+                ssl=target.tls,
+                **options,
+            )
+            return client
+        return aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(url, **options)
         )
 
     async def close(self) -> None:
-        for client in (self.redis, self.control, self.subscriber):
+        sentinels = self._sentinel[0].sentinels if self._sentinel is not None else []
+        for client in (self.redis, self.control, self.subscriber, *sentinels):
             with contextlib.suppress(Exception):
                 await client.aclose()
                 await client.connection_pool.disconnect()

@@ -107,3 +107,24 @@ def test_all_is_sorted_and_exports_what_exists() -> None:
     public = {n for n in vars(dedupcall) if not n.startswith("_")} - {"__version__"}
     modules = {n for n in public if type(getattr(dedupcall, n)).__name__ == "module"}
     assert public - modules == set(dedupcall.__all__)
+
+
+def test_sentinel_urls() -> None:
+    from dedupcall.config import parse_sentinel_url
+
+    t = parse_sentinel_url(
+        "redis+sentinel://app:pw@10.0.0.1:26379,10.0.0.2:26380/mymaster/2?sentinel_password=sp"
+    )
+    assert t.sentinels == (("10.0.0.1", 26379), ("10.0.0.2", 26380))
+    assert (t.service, t.db, t.username, t.password, t.sentinel_password, t.tls) == (
+        "mymaster",
+        2,
+        "app",
+        "pw",
+        "sp",
+        False,
+    )
+    assert redact("redis+sentinel://app:pw@h1:1,h2:2/m") == "redis+sentinel://app:***@h1:1,h2:2/m"
+    for bad in ("redis+sentinel://h1/m", "redis+sentinel://h1:1", "redis+sentinel://h1:1/m/x"):
+        with pytest.raises(ConfigError):
+            Dedup(bad)
