@@ -109,3 +109,34 @@ async def test_killed_subscriber_connection_loses_no_wakeup(
     assert await executing == 5
     assert b.stats()["reconnects"] >= 1
     await admin.aclose()
+
+
+async def test_out_of_memory_is_a_typed_error_and_recovers(
+    make_redis_server: Callable[..., EmbeddedServer], make_dedup: Callable[..., Dedup]
+) -> None:
+    import redis.asyncio as aioredis
+
+    server = make_redis_server(
+        extra_args=["--maxmemory", "3mb", "--maxmemory-policy", "noeviction"]
+    )
+    dedup = make_dedup(url=server.url, **FAULTY)
+    await dedup.start()
+    admin: Any = aioredis.Redis.from_url(server.url)
+    filler = []
+    with pytest.raises(Exception, match="maxmemory"):
+        for i in range(200):  # fill the server up to its limit
+            await admin.set(f"filler:{i}", b"x" * 100_000)
+            filler.append(f"filler:{i}")
+
+    async def f() -> int:
+        return 1
+
+    # Redis lets a script that started under the limit write on; where the server refuses,
+    # the caller gets a typed error. Never an untyped one, never a hang.
+    try:
+        assert await dedup.call("/oom", f, timeout=5) == 1
+    except RedisUnavailable as exc:
+        assert "OutOfMemory" in str(exc) or "maxmemory" in str(exc)
+    await admin.delete(*filler)
+    assert await dedup.call("/oom-after", f, timeout=5) == 1  # nothing half-done was left
+    await admin.aclose()
