@@ -13,6 +13,7 @@ import asyncio
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError
 
 MAX_BATCH = 256
 
@@ -21,8 +22,9 @@ class Batcher:
     """Queue commands; flush them together at the end of the current loop turn, with at
     most ``max_inflight`` batches on their way (so at most that many connections)."""
 
-    def __init__(self, client: Redis, max_inflight: int = 8) -> None:
+    def __init__(self, client: Redis, *, lone: Redis | None = None, max_inflight: int = 8) -> None:
         self._client = client
+        self._lone = lone or client  # a dedicated connection for lone commands, if given
         self._max_inflight = max_inflight
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._scheduled = False
@@ -34,10 +36,23 @@ class Batcher:
         if not self._direct and not self._pending and not self._sending:
             self._direct += 1
             try:
-                return await self._client.execute_command(*args)  # type: ignore[no-untyped-call]
+                return await self._send_lone(args)
             finally:
                 self._direct -= 1
         return await self._enqueue(args)
+
+    async def _send_lone(self, args: tuple[Any, ...]) -> Any:
+        conn = self._lone.connection
+        if conn is not None:  # as a pool does on checkout: reconnect a dead socket
+            await self._lone.connection_pool.ensure_connection(conn)
+        try:
+            return await self._lone.execute_command(*args)  # type: ignore[no-untyped-call]
+        except ConnectionError:
+            # The kept connection died under us (a restart, a failover): once more on a
+            # fresh one. Every command sent here is safe to repeat: a repeated submit
+            # joins its own flight, a repeated completion is refused and returns the
+            # stored result.
+            return await self._lone.execute_command(*args)  # type: ignore[no-untyped-call]
 
     def _enqueue(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()

@@ -78,11 +78,16 @@ class Store:
         self.redis = self._client(url, config.max_connections)
         self.control = self._client(url, 2)
         self.subscriber = self._client(url, 2)
+        self.lone = self._client(url, 1, single=True)
         self.scripts = Scripts(self.redis)
-        # Room for the one lone command and a status read beside the batches.
-        self.batcher = Batcher(self.redis, max_inflight=max(1, config.max_connections - 2))
+        # Batches take the pool, but leave room for a status read beside them.
+        self.batcher = Batcher(
+            self.redis, lone=self.lone, max_inflight=max(1, config.max_connections - 1)
+        )
 
-    def _client(self, url: str, size: int) -> aioredis.Redis:
+    def _client(self, url: str, size: int, *, single: bool = False) -> aioredis.Redis:
+        """A client on its own pool of ``size``; ``single``: one dedicated connection
+        (no pool round per command: the lone-command fast path)."""
         timeout = self.config.socket_timeout
         options: dict[str, Any] = {
             "max_connections": size,
@@ -91,25 +96,25 @@ class Store:
             "socket_connect_timeout": timeout,
             "retry": Retry(NoBackoff(), 0),  # we retry where it is safe, not blindly
         }
+        pool: aioredis.BlockingConnectionPool
         if self._sentinel is not None:
             manager, target = self._sentinel
-            client: aioredis.Redis = manager.master_for(
-                target.service,
-                connection_pool_class=BlockingSentinelPool,
-                db=target.db,
-                username=target.username,
-                password=target.password,
-                ssl=target.tls,
+            sentinel_options = {
+                **manager.connection_kwargs,
                 **options,
-            )
-            return client
-        return aioredis.Redis(
-            connection_pool=aioredis.BlockingConnectionPool.from_url(url, **options)
-        )
+                "db": target.db,
+                "ssl": target.tls,
+                "username": target.username,
+                "password": target.password,
+            }
+            pool = BlockingSentinelPool(target.service, manager, **sentinel_options)  # type: ignore[no-untyped-call]
+        else:
+            pool = aioredis.BlockingConnectionPool.from_url(url, **options)
+        return aioredis.Redis(connection_pool=pool, single_connection_client=single)
 
     async def close(self) -> None:
         sentinels = self._sentinel[0].sentinels if self._sentinel is not None else []
-        for client in (self.redis, self.control, self.subscriber, *sentinels):
+        for client in (self.redis, self.lone, self.control, self.subscriber, *sentinels):
             with contextlib.suppress(Exception):
                 await client.aclose()
                 await client.connection_pool.disconnect()

@@ -250,6 +250,9 @@ class Worker:
                     raise
                 await asyncio.sleep(pause)
         verdict = reply[0].decode()
+        if verdict == "lost" and len(reply) > 1 and reply[1] == outcome.record:
+            verdict = "ok"  # our own completion, repeated after a lost reply: it is stored
+            reply = [b"ok", []]
         if verdict == "lost":
             self.stats["lease_lost"] += 1
             log.warning("dedupcall lease lost; completion refused", extra={"request_id": rid})
