@@ -184,14 +184,17 @@ def check_url(url: str) -> str:
     return url
 
 
+SECRET_PARAMS = ("password", "sentinel_password")
+
+
 def redact(url: str) -> str:
-    """The URL with any password replaced by ``***``."""
+    """The URL with every password (in the address or the query) replaced by ``***``."""
     parts = urlsplit(url)
     auth, at, hosts = parts.netloc.rpartition("@")
-    if not at or ":" not in auth:
-        return url
-    user = auth.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
+    if at and ":" in auth:
+        parts = parts._replace(netloc=f"{auth.split(':', 1)[0]}:***@{hosts}")
+    query = [(k, "***" if k in SECRET_PARAMS else v) for k, v in parse_qsl(parts.query)]
+    return urlunsplit(parts._replace(query="&".join(f"{k}={v}" for k, v in query)))
 
 
 @dataclass(frozen=True)

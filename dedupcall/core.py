@@ -102,6 +102,7 @@ class Dedup:
         self._starting: asyncio.Future[None] | None = None
         self._ready = False
         self._closed = False
+        self._closing: asyncio.Future[None] | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Dedup:
@@ -196,13 +197,23 @@ class Dedup:
 
     async def aclose(self) -> None:
         """Stop taking grants, let running attempts finish (``drain_timeout``), hand the rest
-        back, leave every flight, and close connections. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._starting is not None and not self._starting.done():
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(self._starting)  # a start in progress finishes first
+        back, leave every flight, and close connections. Idempotent; the shutdown runs in
+        its own task, so cancelling ``aclose`` does not leave the instance half-closed."""
+        if self._closing is None:
+            self._closed = True
+            self._closing = asyncio.ensure_future(self._shutdown())
+        await asyncio.shield(self._closing)
+
+    async def _shutdown(self) -> None:
+        starting = self._starting
+        if starting is not None and not starting.done():
+            try:
+                await asyncio.shield(starting)  # a start in progress finishes first
+            except asyncio.CancelledError:
+                if not starting.cancelled():
+                    raise
+            except Exception:  # a failed start left nothing running
+                return
         if not self._ready:
             return
         self.worker.draining = True
@@ -456,33 +467,42 @@ class Dedup:
                 return "vanished"
         return "resolved"
 
-    def _run_local_grant(self, grant: Grant) -> str:
-        """Run a grant for a function/transport flight held here: "running" (started, or
-        adopted by our attempt in progress), "busy" (our attempt is completing) or "gone"
-        (no caller here holds it)."""
+    def _run_local_grant(self, grant: Grant) -> bool:
+        """Take a grant for a function/transport flight held here: run it, let our attempt
+        in progress adopt it, or run it right after that attempt's completion (which the
+        new grant makes stale). False when no caller here holds the flight."""
         lf = self._by_id.get(grant.request_id)
         if lf is None:
             # Joined a flight whose id the submit reply has not told us yet.
             lf = self._local.get((grant.kind, grant.digest))
         if lf is None or lf.abandoned or lf.future.done():
-            return "gone"
+            return False
         if lf.executing:
-            return "running" if self.worker.adopt(grant) else "busy"
+            if not self.worker.adopt(grant):
+                lf.next_grant = grant
+            return True
         lf.executing = True
         lf.execution = self.worker.spawn(
             self._execute_local(lf, grant), f"dedupcall-exec-{grant.request_id}"
         )
-        return "running"
+        return True
 
-    async def _execute_local(self, lf: LocalFlight, grant: Grant) -> None:
-        try:
-            finished = await self.worker.execute(grant, lf.attempt)
-        finally:
-            lf.executing = False
-        if finished.result is not None:
-            lf.resolve(finished.result, executed_here=not finished.lost, error=finished.error)
-        elif finished.error is not None:
-            lf.fail(finished.error)
+    async def _execute_local(self, lf: LocalFlight, grant: Grant | None) -> None:
+        while grant is not None:
+            try:
+                finished = await self.worker.execute(grant, lf.attempt)
+            finally:
+                lf.executing = False
+            if finished.result is not None:
+                lf.resolve(finished.result, executed_here=not finished.lost, error=finished.error)
+            elif finished.error is not None:
+                lf.fail(finished.error)
+            grant, lf.next_grant = lf.next_grant, None
+            if grant is not None and lf.future.done():
+                self.worker.spawn(self.worker.release(grant, drop=False), "dedupcall-release")
+                self.worker.forget(grant)
+                grant = None
+            lf.executing = grant is not None
 
     # --- queued HTTP requests ------------------------------------------------------
     async def add_get_request(
@@ -572,7 +592,8 @@ class Dedup:
             fingerprint=codec.request_fingerprint(method, url, hdrs, encoded),
             on_conflict=on_conflict,
         )
-        reply = await self._submit(lf, uuid.uuid4().hex)
+        proposed = uuid.uuid4().hex
+        reply = await self._submit(lf, proposed)
         verdict, rid = reply[0].decode(), str(reply[1].decode())
         if verdict == "conflict":
             raise ConflictError(
@@ -581,7 +602,10 @@ class Dedup:
                 request_id=rid,
                 api_path=text,
             )
-        self._counters[verdict if verdict in ("cached", "joined") else "queued"] += 1
+        if verdict == "cached":
+            self._counters["cached"] += 1
+        else:  # a grant of an existing flight (ours, running) is a join too
+            self._counters["queued" if rid == proposed else "joined"] += 1
         if verdict == "granted":
             self.worker.on_grant(Grant.from_reply([rid, *reply[2:5], "request", lf.digest]))
         return rid

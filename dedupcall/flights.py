@@ -48,6 +48,7 @@ class LocalFlight:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     execution: asyncio.Task[Any] | None = None  # an attempt of ours running in its own task
+    next_grant: Grant | None = None  # granted again while our attempt was completing
 
     def resolve(
         self, result: Result, *, executed_here: bool = False, error: BaseException | None = None

@@ -158,13 +158,14 @@ class Worker:
             return
         elif grant.kind == "request":
             self.spawn(self.execute(grant, self.http_attempt), f"dedupcall-req-{grant.request_id}")
-        else:
-            taken = self.dedup._run_local_grant(grant)
-            if taken != "running":
-                self._accepted.discard((grant.request_id, grant.token))
-                # "gone": no caller here holds the function any more, let another holder
-                # run it; "busy": our attempt is completing, the flight may come back.
-                self.spawn(self.release(grant, drop=taken == "gone"), "dedupcall-release")
+        elif not self.dedup._run_local_grant(grant):
+            self.forget(grant)
+            # No caller here holds the function any more: let another holder run it.
+            self.spawn(self.release(grant, drop=True), "dedupcall-release")
+
+    def forget(self, grant: Grant) -> None:
+        """Un-take a grant that will not run here (it is given back)."""
+        self._accepted.discard((grant.request_id, grant.token))
 
     def adopt(self, grant: Grant) -> bool:
         """A newer grant for a flight whose attempt already runs here (its lease lapsed,
@@ -250,6 +251,10 @@ class Worker:
                     raise
                 await asyncio.sleep(pause)
         verdict = reply[0].decode()
+        if verdict == "lost":
+            # A reply may have been lost on the way (the lone path repeats a command once):
+            # the grants it carried are listed again by the next sweep.
+            self.wake_sweep(mine=True)
         if verdict == "lost" and len(reply) > 1 and reply[1] == outcome.record:
             verdict = "ok"  # our own completion, repeated after a lost reply: it is stored
             reply = [b"ok", []]
@@ -370,16 +375,18 @@ class Worker:
             # a lease shortened by update_config is renewed at its new pace.
             interval = min(lease.lease_ms for lease in self._leases.values()) / 3000
             await asyncio.sleep(interval)
-            leases = [lease for lease in self._leases.values() if not lease.lost]
-            if not leases:
+            sent = [(lease, lease.grant) for lease in self._leases.values() if not lease.lost]
+            if not sent:
                 continue
             try:
-                lease_ms, lost_ids = await self.store.renew([lease.grant for lease in leases])
+                lease_ms, lost_ids = await self.store.renew([grant for _, grant in sent])
             except RedisUnavailable as exc:
                 log.warning("dedupcall lease renewal failed: %s", exc)
                 continue
-            for lease in leases:
-                if lease.grant.request_id in lost_ids:
+            for lease, grant in sent:
+                if lease.grant is not grant:
+                    continue  # adopted a newer grant meanwhile: this reply is about the old one
+                if grant.request_id in lost_ids:
                     lease.lost = True
                     log.warning(
                         "dedupcall lease lost while running",

@@ -322,3 +322,98 @@ async def test_first_caller_cancelled_during_start_harms_no_one(
     assert await asyncio.gather(*others) == [3] * 20
     with pytest.raises(asyncio.CancelledError):
         await first
+
+
+async def test_a_repeated_submit_from_the_executor_gets_its_grant_back(dedup: Dedup) -> None:
+    # The lone connection repeats a command whose reply was lost: a submit that was
+    # granted must come back granted (same token), or nobody would run the flight.
+    from dedupcall import codec
+
+    digest = codec.key_digest("function", "/again")
+
+    async def submit(rid: str) -> list[object]:
+        return await dedup.store.submit(
+            kind="function",
+            key="/again",
+            digest=digest,
+            rid=rid,
+            priority=0,
+            ttl_ms=-1,
+            cache_failures=False,
+            fingerprint="",
+            on_conflict="join",
+            payload=b"",
+            may_grant=True,
+        )
+
+    first = await submit("first-id")
+    again = await submit("second-id")
+    assert first[0] == again[0] == b"granted"
+    assert again[1:3] == [b"first-id", first[2]]  # the same flight, the same lease token
+    await dedup.store.redis.delete(dedup.keys.flight("first-id"))  # tidy: nobody runs it
+
+
+async def test_cancelling_aclose_still_closes_the_instance(
+    make_dedup: Callable[..., Dedup],
+) -> None:
+    dedup = make_dedup()
+    starting = asyncio.create_task(dedup.start())
+    await asyncio.sleep(0)  # the start is under way
+    closing = asyncio.create_task(dedup.aclose())
+    await asyncio.sleep(0)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await asyncio.gather(starting, return_exceptions=True)
+    await dedup.aclose()  # waits for the shutdown the cancelled call began
+    assert not dedup._ready
+    other = make_dedup()  # a closed instance is no longer listed as alive
+    assert dedup.instance_id not in [i.id for i in (await other.get_queue_status()).instances]
+
+
+async def test_a_renewal_reply_about_an_adopted_grant_does_not_drop_the_new_lease(
+    make_dedup: Callable[..., Dedup],
+) -> None:
+    from dedupcall.models import Grant
+
+    dedup = make_dedup(lock_timeout=0.6)  # renewed every 0.2 s
+    await dedup.start()
+    gate, adopted = asyncio.Event(), asyncio.Event()
+
+    async def held() -> str:
+        await gate.wait()
+        return "done"
+
+    call = asyncio.create_task(dedup.call("/adopt", held))
+    while dedup.worker.executing == 0:
+        await asyncio.sleep(0.01)
+    lease = next(iter(dedup.worker._leases.values()))
+    old = lease.grant
+    real_renew = dedup.store.renew
+
+    async def renew_racing_a_regrant(grants: list[Grant]) -> tuple[int, set[str]]:
+        if adopted.is_set():
+            return await real_renew(grants)
+        # Redis gives the flight to us again under a newer token (what the reaper does
+        # after a stall) while this renewal, still carrying the old token, is on its way.
+        newer = Grant(
+            old.request_id,
+            str(int(old.token) + 1000),
+            old.attempts + 1,
+            old.lease_ms,
+            old.kind,
+            old.digest,
+        )
+        await dedup.store.redis.hset(dedup.keys.flight(old.request_id), "token", newer.token)
+        reply = await real_renew(grants)  # reports the old token lost
+        dedup.worker.on_grant(newer)  # adopted before the reply is handled
+        adopted.set()
+        return reply
+
+    dedup.store.renew = renew_racing_a_regrant  # type: ignore[method-assign]
+    await adopted.wait()
+    await asyncio.sleep(0.5)  # more renewals, now of the newer lease
+    gate.set()
+    assert await call == "done"
+    assert dedup.stats()["lease_lost"] == 0  # completed under the adopted grant
+    assert dedup.stats()["executions"] == 1

@@ -128,3 +128,12 @@ def test_sentinel_urls() -> None:
     for bad in ("redis+sentinel://h1/m", "redis+sentinel://h1:1", "redis+sentinel://h1:1/m/x"):
         with pytest.raises(ConfigError):
             Dedup(bad)
+
+
+def test_secrets_in_query_strings_are_redacted() -> None:
+    url = "redis+sentinel://h1:26379,h2:26379/mymaster?sentinel_password=s3cret"
+    assert "s3cret" not in redact(url)
+    assert "s3cret" not in repr(Dedup(url))
+    with pytest.raises(ConfigError) as info:
+        Dedup("redis+sentinel://h1:26379/mymaster/x?sentinel_password=s3cret")
+    assert "s3cret" not in str(info.value)

@@ -7,6 +7,8 @@
 -- ARGV[12] on_conflict raise|join  ARGV[13] payload  ARGV[14] may grant now 0|1
 -- A cached success or a flight in progress answers only the same request (its
 -- fingerprint: method, URL, body and credential digests) unless on_conflict is 'join'.
+-- A repeated submit from the instance that executes the flight (its first reply was
+-- lost) gets the grant again, so the flight does not wait for its lease to expire.
 -- returns {'cached', id, result} | {'conflict', id} | {'joined', id, state}
 --       | {'granted', id, token, attempts, lease ms} | {'queued', id}
 local cache_key, active_key, f, h, held = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -28,9 +30,13 @@ local now = now_ms()
 local current = redis.call('GET', active_key)
 if current then
   local cf = P .. 'f:' .. current
-  local state, fprio, fp = unpack(redis.call('HMGET', cf, 'state', 'prio', 'fp'))
+  local state, fprio, fp, exec, token, att = unpack(redis.call('HMGET', cf, 'state', 'prio',
+    'fp', 'exec', 'token', 'att'))
   if state then
     if fp ~= ARGV[11] and ARGV[12] ~= 'join' then return { 'conflict', current } end
+    if state == 'running' and exec == ME then
+      return { 'granted', current, token, tonumber(att), lease_ms() }
+    end
     redis.call('SADD', P .. 'h:' .. current, ME)
     redis.call('SADD', held, current)
     if prio > tonumber(fprio) then
