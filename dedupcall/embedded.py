@@ -336,7 +336,7 @@ class EmbeddedServer:
         # it; then pick another. A given (or restarted) port must stay what it is.
         may_move = self._port is None
         for _ in range(5 if may_move else 1):
-            port = _free_port() if may_move else self.port
+            port = free_port() if may_move else self.port
             failure = self._spawn_and_wait(engine, port)
             if failure is None:
                 self._port = port
@@ -476,7 +476,8 @@ def _read_reply(stream: BinaryIO) -> object:
     raise ValueError(f"unexpected reply {line!r}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port that was free a moment ago (for servers of your own)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((_HOST, 0))
         port: int = sock.getsockname()[1]

@@ -53,10 +53,10 @@ Attempt = Callable[[Grant], Awaitable[Outcome]]
 
 @dataclass
 class Finished:
-    """How an execution ended for this process: a final result, a retry, or a lost lease."""
+    """How an execution ended for this process: a final result, or none yet (a retry is
+    scheduled, or the lease was lost and nothing is stored)."""
 
     result: Result | None = None
-    retrying: bool = False
     lost: bool = False
     error: BaseException | None = None
 
@@ -267,7 +267,7 @@ class Worker:
         self.on_grants(reply[-1])
         if verdict == "retrying":
             self.stats["retries"] += 1
-            return Finished(retrying=True)
+            return Finished()
         result = Result.from_record(codec.decode_record(outcome.record))
         if not result.success:
             self.stats["failures"] += 1

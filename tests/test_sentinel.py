@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -13,13 +12,7 @@ import pytest
 import redis
 
 from dedupcall import Dedup, DedupError
-from dedupcall.embedded import EmbeddedServer, EngineInfo
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from dedupcall.embedded import EmbeddedServer, EngineInfo, free_port
 
 
 def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

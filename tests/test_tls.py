@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dedupcall import Dedup, DedupError, RedisUnavailable
-from dedupcall.embedded import EmbeddedServer
+from dedupcall.embedded import EmbeddedServer, free_port
 
 
 def make_certs(folder: Path) -> dict[str, Path]:
@@ -69,12 +68,6 @@ def make_certs(folder: Path) -> dict[str, Path]:
         str(names["srv.crt"]),
     )
     return names
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_rediss_url_with_a_private_ca(
