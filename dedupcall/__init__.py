@@ -3,8 +3,11 @@
 Explicit imports and a sorted ``__all__``; no logic here.
 """
 
+from dedupcall.asgi import lifespan
 from dedupcall.config import Config
 from dedupcall.core import Dedup
+from dedupcall.decorator import ResultCodec, queued_api
+from dedupcall.entry import configure
 from dedupcall.errors import (
     CallFailed,
     ConfigError,
@@ -18,18 +21,22 @@ from dedupcall.errors import (
     RedisUnavailable,
     ResponseTooLarge,
     SerializationError,
+    TransportCallFailed,
     UnknownRequest,
     WaitTimeout,
 )
 from dedupcall.models import InstanceInfo, QueueItem, QueueStatus, Result
+from dedupcall.transport import AsyncDedupTransport, DedupTransport
 
 __all__ = [
+    "AsyncDedupTransport",
     "CallFailed",
     "Config",
     "ConfigError",
     "ConflictError",
     "Dedup",
     "DedupError",
+    "DedupTransport",
     "EngineNotFound",
     "FlightDropped",
     "InstanceInfo",
@@ -41,9 +48,14 @@ __all__ = [
     "RedisUnavailable",
     "ResponseTooLarge",
     "Result",
+    "ResultCodec",
     "SerializationError",
+    "TransportCallFailed",
     "UnknownRequest",
     "WaitTimeout",
+    "configure",
+    "lifespan",
+    "queued_api",
 ]
 
 __version__ = "0.1.0"

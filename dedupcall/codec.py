@@ -155,3 +155,39 @@ def decode_request(raw: bytes | str) -> tuple[str, str, dict[str, str], dict[str
     if body is not None and not (isinstance(body, dict) and ("json" in body or "content" in body)):
         raise ValueError("request body is malformed")
     return method, url, headers, body
+
+
+# --- httpx responses (transport flights) -----------------------------------------------
+
+
+def encode_response(
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    http_version: bytes = b"HTTP/1.1",
+    reason: bytes = b"",
+) -> dict[str, Any]:
+    """A response as JSON data: header bytes as latin-1 text (lossless), body as base64."""
+    return {
+        "status": status,
+        "headers": [[name.decode("latin-1"), value.decode("latin-1")] for name, value in headers],
+        "body": base64.b64encode(body).decode(),
+        "http_version": http_version.decode("latin-1"),
+        "reason": reason.decode("latin-1"),
+    }
+
+
+def decode_response(data: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes, bytes, bytes]:
+    """Inverse of ``encode_response``: status, raw headers, body, http version, reason.
+    Malformed data raises ``ValueError``."""
+    try:
+        status = data["status"]
+        headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in data["headers"]]
+        body = base64.b64decode(data["body"], validate=True)
+        version = str(data.get("http_version") or "HTTP/1.1").encode("latin-1")
+        reason = str(data.get("reason") or "").encode("latin-1")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"stored response is malformed: {type(exc).__name__}: {exc}") from None
+    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 999:
+        raise ValueError(f"stored response has no valid status: {status!r}")
+    return status, headers, body, version, reason

@@ -21,6 +21,7 @@ from typing import Any
 
 from dedupcall import codec, status
 from dedupcall.aio import within
+from dedupcall.bridge import SyncBridge
 from dedupcall.config import (
     SHARED_FIELDS,
     Config,
@@ -47,7 +48,7 @@ from dedupcall.keys import KeySpace
 from dedupcall.models import Grant, QueueItem, QueueStatus, Result
 from dedupcall.notifier import Notifier
 from dedupcall.store import Store
-from dedupcall.worker import Worker
+from dedupcall.worker import Attempt, Worker
 
 log = logging.getLogger("dedupcall")
 
@@ -65,6 +66,8 @@ COUNTERS = (
     "lease_lost",
     "timeouts",
     "reconnects",
+    "bypassed",
+    "passed_through",
 )
 
 
@@ -103,6 +106,8 @@ class Dedup:
         self._ready = False
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
+        # Sync callers (sync decorated functions, DedupTransport) come in through here.
+        self.sync = SyncBridge(lambda: self._loop, self.instance_id, on_exit=self.close)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Dedup:
@@ -195,16 +200,42 @@ class Dedup:
             raise RedisUnavailable(f"could not subscribe to notifications: {exc}") from exc
         self.worker.start()
 
-    async def aclose(self) -> None:
-        """Stop taking grants, let running attempts finish (``drain_timeout``), hand the rest
-        back, leave every flight, and close connections. Idempotent; the shutdown runs in
-        its own task, so cancelling ``aclose`` does not leave the instance half-closed."""
+    async def aclose(self, *, drain_timeout: float | None = None) -> None:
+        """Stop taking grants, let running attempts finish (``drain_timeout``, default the
+        config's), hand the rest back, leave every flight, and close connections.
+        Idempotent; the shutdown runs in its own task, so cancelling ``aclose`` does not
+        leave the instance half-closed."""
+        if drain_timeout is not None:
+            validate({"drain_timeout": drain_timeout})
+        private = self.sync.thread
+        if private is not None and asyncio.get_running_loop() is not private.loop:
+            # Bound to the private loop of sync callers: close there, then stop it.
+            if self._loop is private.loop:
+                done = asyncio.run_coroutine_threadsafe(
+                    self.aclose(drain_timeout=drain_timeout), private.loop
+                )
+                await asyncio.wrap_future(done)
+            await asyncio.to_thread(self.sync.stop_thread)
+            return
         if self._closing is None:
             self._closed = True
-            self._closing = asyncio.ensure_future(self._shutdown())
+            self._closing = asyncio.ensure_future(self._shutdown(drain_timeout))
         await asyncio.shield(self._closing)
 
-    async def _shutdown(self) -> None:
+    def close(self) -> None:
+        """The sync twin of ``aclose``, for code that used this ``Dedup`` only through sync
+        callers: closes it on its loop and stops the private loop thread. Also runs at
+        interpreter exit when that thread was started."""
+        loop = self._loop
+        if loop is not None and loop.is_running() and not self._closing_done():
+            self.sync.run(self.aclose())
+        self._closed = True
+        self.sync.stop_thread()
+
+    def _closing_done(self) -> bool:
+        return self._closing is not None and self._closing.done()
+
+    async def _shutdown(self, drain_timeout: float | None) -> None:
         starting = self._starting
         if starting is not None and not starting.done():
             try:
@@ -220,7 +251,9 @@ class Dedup:
         await self.worker.stop_sweeping()
         with contextlib.suppress(DedupError):
             await self.store.retire()  # no longer alive: nothing is granted to us any more
-        await self.worker.drain(self.config.drain_timeout)
+        await self.worker.drain(
+            self.config.drain_timeout if drain_timeout is None else drain_timeout
+        )
         closed = DedupError("this Dedup was closed while the call was waiting")
         for lf in list(self._local.values()):
             lf.fail(closed)
@@ -309,41 +342,62 @@ class Dedup:
         ``fn`` takes no arguments and is async (or returns an awaitable); it runs on the
         event loop, so wrap blocking code: ``lambda: asyncio.to_thread(blocking)``.
         """
-        result, error = await self._call_flight(
+        result, error = await self.run_flight(
             "function",
             key,
-            fn,
+            self.function_attempt(fn, exception_types(retry_on)),
             priority=priority,
             ttl=ttl,
             timeout=timeout,
-            retry_on=retry_on,
             cache_failures=cache_failures,
         )
         if result.success:
             return result.data
         raise result.to_error() from error
 
-    async def call_result(self, key: str | bytes, fn: Fn, **options: Any) -> Result:
+    async def call_result(
+        self,
+        key: str | bytes,
+        fn: Fn,
+        *,
+        retry_on: RetryOn = (),
+        **options: Any,
+    ) -> Result:
         """Like ``call``, but returns the ``Result`` instead of raising ``CallFailed``."""
-        result, _ = await self._call_flight("function", key, fn, **options)
+        make_attempt = self.function_attempt(fn, exception_types(retry_on))
+        result, _ = await self.run_flight("function", key, make_attempt, **options)
         return result
 
-    async def _call_flight(
+    def function_attempt(
+        self, fn: Fn, retry_on: tuple[type[BaseException], ...], name: str | None = None
+    ) -> Callable[[str], Attempt]:
+        """The attempt factory of a function flight: run ``fn`` (bounded by
+        ``execution_timeout``), encode its value; ``name`` labels it in errors."""
+        return lambda key: function_attempt(
+            key, fn, retry_on, self.instance_id, lambda: self.config.execution_timeout, name
+        )
+
+    async def run_flight(
         self,
         kind: str,
         key: str | bytes,
-        fn: Fn,
+        make_attempt: Callable[[str], Attempt],
         *,
         priority: int = 0,
         ttl: float | None = None,
         timeout: float | None = None,
-        retry_on: RetryOn = (),
         cache_failures: bool = False,
     ) -> tuple[Result, BaseException | None]:
+        """Take part in the flight of (``kind``, ``key``): the building block of ``call``
+        and of the entry points, which bring their own attempt.
+
+        ``make_attempt(readable_key)`` is called only when this process opens a new local
+        flight; joiners build nothing. Returns the ``Result`` (its ``outcome`` set for this
+        caller) and, for the caller whose process executed it, the original exception.
+        """
         validate_priority(priority)
         validate({"result_ttl": ttl} if ttl is not None else {})
         validate({"timeout": timeout} if timeout is not None else {})
-        retry_on = exception_types(retry_on)
         text = codec.readable_key(key)
         await self._ensure()
         slot = (kind, codec.key_digest(kind, key))
@@ -352,10 +406,8 @@ class Dedup:
             lf = None  # finished; its driver has not cleaned up yet. Ask Redis afresh.
         first = lf is None
         if lf is None:
-            attempt = function_attempt(
-                text, fn, retry_on, self.instance_id, lambda: self.config.execution_timeout
-            )
             ttl_ms = -1 if ttl is None else int(ttl * 1000)
+            attempt = make_attempt(text)
             lf = LocalFlight(kind, text, slot[1], attempt, priority, ttl_ms, cache_failures)
             self._local[slot] = lf
             self.worker.spawn(self._drive(lf), "dedupcall-flight")
@@ -707,11 +759,17 @@ class Dedup:
         await self.store.write_shared_config(encode_shared(values))
         self._apply_shared(values)
 
+    def count(self, event: str) -> None:
+        """Count one ``event`` of an entry point in ``stats()`` (``bypassed``: sent
+        straight to the upstream because Redis was unavailable; ``passed_through``: a
+        request the transport does not deduplicate)."""
+        self._counters[event] += 1
+
     def stats(self) -> dict[str, int]:
         """This instance's counters: calls ``executed``, ``joined``, ``cached`` and
         ``failed``; ``queued`` requests; ``executions``, ``retries``, ``failures`` and
         ``lease_lost`` of its worker; ``timeouts`` of its waiters; ``reconnects`` of its
-        subscriber connection."""
+        subscriber connection; ``bypassed`` and ``passed_through`` of the entry points."""
         out = dict.fromkeys(COUNTERS, 0)
         out.update(self._counters)
         worker = getattr(self, "worker", None)

@@ -15,12 +15,16 @@ Hierarchy::
     └── CallFailed                  the flight ended without success; carries the error
         ├── QueueCleared            the flight was removed by clear_queue
         ├── FlightDropped           every waiter left before the flight started
-        └── ResponseTooLarge        a response exceeded the configured size limit
+        └── TransportCallFailed(httpx.TransportError)   a transport flight ended without
+            │                       any response, so ``except httpx.TransportError`` works
+            └── ResponseTooLarge    a response exceeded the transport's max_body_bytes
 
 This module imports nothing of ours, so every layer may import it.
 """
 
 from __future__ import annotations
+
+import httpx
 
 
 class DedupError(Exception):
@@ -125,5 +129,12 @@ class FlightDropped(CallFailed):
     """Every waiter left the flight before it started, so it was dropped."""
 
 
-class ResponseTooLarge(CallFailed):
-    """A response or result exceeded the configured size limit and was not stored."""
+class TransportCallFailed(CallFailed, httpx.TransportError):
+    """A flight of ``DedupTransport``/``AsyncDedupTransport`` failed without any response
+    (transport errors after every retry, a dropped or cleared flight). Also an
+    ``httpx.TransportError``, whose ``request`` it carries."""
+
+
+class ResponseTooLarge(TransportCallFailed):
+    """A response exceeded the transport's ``max_body_bytes``, so it was not shared: the
+    caller that sent the request got it; the others should retry without dedup."""

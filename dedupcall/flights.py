@@ -87,9 +87,10 @@ def function_attempt(
     retry_on: type[BaseException] | tuple[type[BaseException], ...],
     instance_id: str,
     execution_timeout: Callable[[], float],
+    name: str | None = None,
 ) -> Attempt:
     """The attempt of a function flight: run ``fn`` (bounded), encode what it returned."""
-    what = getattr(fn, "__qualname__", repr(fn))
+    what = name or getattr(fn, "__qualname__", repr(fn))
 
     async def attempt(grant: Grant) -> Outcome:
         fields: dict[str, Any] = {

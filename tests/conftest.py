@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from dedup_fixtures import dedup, make_dedup  # noqa: F401  (fixtures)
+from dedup_fixtures import dedup, make_dedup, make_sync_dedup  # noqa: F401  (fixtures)
 from dedupcall.embedded import EmbeddedServer, EngineInfo, find_engine
 from dedupcall.errors import EngineNotFound
 from procs import Spawner

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -72,3 +72,19 @@ async def hold_slot(dedup: Dedup, key: str = "/blocker", priority: int = 0) -> B
             return blocker
         await asyncio.sleep(0.01)
     raise AssertionError(f"{key} never started running")
+
+
+@pytest.fixture
+def make_sync_dedup(redis_url: str, namespace: str) -> Iterator[Callable[..., Dedup]]:
+    """``make_dedup`` for sync tests: not started (the first sync call starts its private
+    loop thread); each is closed with ``close()`` after the test."""
+    made: list[Dedup] = []
+
+    def make(url: str | None = None, **config: Any) -> Dedup:
+        dedup = Dedup(url or redis_url, namespace=namespace, **{**FAST, **config})
+        made.append(dedup)
+        return dedup
+
+    yield make
+    for dedup in made:
+        dedup.close()

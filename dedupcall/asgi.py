@@ -1,0 +1,81 @@
+"""Starlette/FastAPI integration: a lifespan that runs this instance's worker, and a
+mountable status app. A plain Starlette lifespan: it installs no signal handlers (the
+server owns them) and lets startup errors propagate."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from dedupcall.config import validate
+from dedupcall.core import Dedup
+from dedupcall.entry import default_dedup
+from dedupcall.errors import ConfigError, RedisUnavailable
+
+Lifespan = Callable[[Any], contextlib.AbstractAsyncContextManager[Any]]
+
+
+def lifespan(
+    dedup: Dedup | None = None,
+    *,
+    inner: Callable[[Any], Any] | None = None,
+    state_key: str = "dedup",
+    drain_timeout: float | None = None,
+) -> Lifespan:
+    """A lifespan that starts ``dedup``'s worker (claims, leases, heartbeats, reaper,
+    queued requests) at startup and, at shutdown, stops taking flights, lets running ones
+    finish for ``drain_timeout`` seconds (default: the config's), hands the rest back and
+    closes connections.
+
+    ``Starlette(lifespan=dedupcall.lifespan(dedup))``; ``inner=`` composes your own
+    lifespan (an async context manager factory, or an async generator function), which
+    starts after the worker and stops before it, and whose state is passed through. The
+    ``Dedup`` is in the lifespan state as ``request.state.dedup`` (``state_key``) and on
+    ``app.state``. ``dedup`` defaults to the process-wide one (``dedupcall.configure``).
+    """
+    if drain_timeout is not None:
+        validate({"drain_timeout": drain_timeout})
+    if inner is not None and not callable(inner):
+        raise ConfigError(f"inner= must be a lifespan callable, got {inner!r}")
+    if dedup is not None and not isinstance(dedup, Dedup):
+        raise ConfigError(f"dedup must be a Dedup, got {type(dedup).__name__}")
+    wrapped = contextlib.asynccontextmanager(inner) if inspect.isasyncgenfunction(inner) else inner
+
+    @contextlib.asynccontextmanager
+    async def run(app: Any) -> AsyncIterator[Mapping[str, Any]]:
+        instance = dedup or default_dedup()
+        await instance.start()
+        try:
+            setattr(app.state, state_key, instance)
+            if wrapped is None:
+                yield {state_key: instance}
+                return
+            async with wrapped(app) as state:
+                yield {**(state or {}), state_key: instance}
+        finally:
+            await instance.aclose(drain_timeout=drain_timeout)
+
+    return run
+
+
+def status_app(dedup: Dedup | None = None) -> Starlette:
+    """A read-only ASGI app to mount anywhere, e.g. ``Mount("/dedupcall", status_app(d))``:
+    ``/json`` is ``get_queue_status()`` as JSON (503 while Redis is unavailable)."""
+
+    async def status_json(request: Request) -> JSONResponse:
+        instance = dedup or default_dedup()
+        try:
+            status = await instance.get_queue_status()
+        except RedisUnavailable as exc:
+            return JSONResponse({"error": "RedisUnavailable", "message": str(exc)}, 503)
+        return JSONResponse(dataclasses.asdict(status))
+
+    return Starlette(routes=[Route("/json", status_json)])

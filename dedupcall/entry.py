@@ -1,0 +1,93 @@
+"""What the entry points share: the process-wide default ``Dedup`` and the choice between
+failing closed and failing open when Redis is unreachable (``on_redis_error``)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from dedupcall.core import Dedup
+from dedupcall.errors import ConfigError, RedisUnavailable
+
+log = logging.getLogger("dedupcall")
+
+#: After Redis failed a call, bypassing entry points skip it for this many seconds, so
+#: every call does not pay a connection timeout while Redis is down.
+BYPASS_COOLDOWN = 1.0
+
+_default: Dedup | None = None
+_default_lock = threading.Lock()
+
+
+def configure(dedup: Dedup | None = None, /, **options: Any) -> Dedup:
+    """Set the process-wide ``Dedup`` used where an entry point is given none.
+
+    Pass a ``Dedup``, or the arguments of one (``url=``, ``namespace=``, config); with
+    neither, it is built from the environment (``Dedup.from_env()``). Returns it.
+    """
+    global _default
+    if dedup is not None and options:
+        raise ConfigError("configure() takes a Dedup or its arguments, not both")
+    if dedup is not None and not isinstance(dedup, Dedup):
+        raise ConfigError(f"configure() takes a Dedup, got {type(dedup).__name__}")
+    if dedup is None:
+        dedup = Dedup(**options) if "url" in options else Dedup.from_env(**options)
+    with _default_lock:
+        _default = dedup
+    return dedup
+
+
+def default_dedup() -> Dedup:
+    """The process-wide ``Dedup``: the one given to ``configure``, else one created once
+    from the environment (``REDIS_URL`` or ``REDIS_HOST``...); ``ConfigError`` if none."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            try:
+                _default = Dedup.from_env()
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"no Dedup given and no default: pass dedup=, call "
+                    f"dedupcall.configure(...), or set REDIS_URL ({exc})"
+                ) from exc
+        return _default
+
+
+def reset_default() -> None:
+    """Forget the default ``Dedup`` (it is not closed); for tests."""
+    global _default
+    with _default_lock:
+        _default = None
+
+
+class RedisErrorPolicy:
+    """``on_redis_error``: ``"raise"`` (fail closed: ``RedisUnavailable``) or ``"bypass"``
+    (fail open: call the upstream directly, logged and counted as ``bypassed``)."""
+
+    def __init__(self, mode: str) -> None:
+        if mode not in ("raise", "bypass"):
+            raise ConfigError(f"on_redis_error must be 'raise' or 'bypass', got {mode!r}")
+        self.mode = mode
+        self._skip_until = 0.0
+
+    def skip(self, dedup: Dedup) -> bool:
+        """True while a recent failure says Redis is down: go straight to the upstream."""
+        if self.mode == "bypass" and time.monotonic() < self._skip_until:
+            dedup.count("bypassed")
+            return True
+        return False
+
+    def failed(self, dedup: Dedup, exc: RedisUnavailable, what: str) -> None:
+        """Redis failed ``what``: re-raise when failing closed, else note the bypass."""
+        if self.mode == "raise":
+            raise exc
+        self._skip_until = time.monotonic() + BYPASS_COOLDOWN
+        dedup.count("bypassed")
+        log.warning(
+            "dedupcall bypassed for %s: Redis unavailable (%s)",
+            what,
+            exc,
+            extra={"key": what, "instance_id": dedup.instance_id},
+        )

@@ -1,0 +1,635 @@
+"""httpx transports that send each request once per key across every instance:
+``DedupTransport`` (sync) and ``AsyncDedupTransport`` (async).
+
+Only the process that wins a flight sends the request, through its inner transport;
+everyone else gets an ``httpx.Response`` rebuilt from the stored one. A thin layer over
+``Dedup.run_flight``: the twins share every pure step (``_Options``) and differ only in
+how they send and read. Per-request options travel in ``request.extensions["dedupcall"]``;
+the outcome comes back in ``response.extensions["dedupcall"]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import types
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+
+from dedupcall import codec, httpexec
+from dedupcall.aio import within
+from dedupcall.config import validate, validate_priority
+from dedupcall.core import Dedup
+from dedupcall.entry import RedisErrorPolicy, default_dedup
+from dedupcall.errors import (
+    ConfigError,
+    RedisUnavailable,
+    ResponseTooLarge,
+    TransportCallFailed,
+)
+from dedupcall.models import Grant, Result
+from dedupcall.worker import Attempt, Outcome
+
+DEFAULT_METHODS = ("GET", "HEAD")
+MAX_BODY_BYTES = 10 * 1024 * 1024
+#: Request headers whose values make two requests different (credentials never appear in
+#: the key: only a digest of them does) or change the response's encoding or language.
+VARY_HEADERS = (
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "x-api-key",
+    "accept",
+    "accept-encoding",
+    "accept-language",
+)
+REQUEST_OPTIONS = frozenset({"enabled", "key", "ttl", "priority", "timeout"})
+KeyFunc = Callable[[httpx.Request], "str | None"]
+
+
+def default_key(request: httpx.Request) -> str:
+    """Method, scheme, host, path and sorted query; then a digest of the body, if any,
+    and one of the credential and content-negotiation headers (``VARY_HEADERS``)."""
+    url = request.url
+    query = urlencode(sorted(url.params.multi_items()))
+    text = f"{request.method} {url.scheme}://{url.netloc.decode('ascii')}{url.path}"
+    if query:
+        text += "?" + query
+    if request.content:
+        text += " body=" + codec.digest(request.content)
+    vary = [f"{name}:{value}" for name in VARY_HEADERS for value in request.headers.get_list(name)]
+    if vary:
+        text += " vary=" + codec.digest("\n".join(vary).encode("utf-8", "surrogateescape"))
+    return text
+
+
+@dataclass(frozen=True)
+class _Captured:
+    """A response read in full by the process that sent the request."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    http_version: bytes
+    reason: bytes
+
+
+class _TooLarge(Exception):
+    """The body passed ``max_body_bytes``: ``response`` is still live (what was read
+    first, then the rest of the stream) for the caller that sent it."""
+
+    def __init__(
+        self, response: httpx.Response, close: Callable[[], Awaitable[None]], limit: int
+    ) -> None:
+        super().__init__(f"the response body exceeds max_body_bytes={limit}")
+        self.response = response
+        self.close = close
+
+
+class _Handoff:
+    """Carries a too-large live response from the attempt to the caller that opened the
+    flight; whichever side comes second closes it if the caller is gone."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._response: httpx.Response | None = None
+        self._taken = False
+
+    def offer(self, response: httpx.Response) -> bool:
+        with self._lock:
+            if self._taken:
+                return False
+            self._response = response
+            return True
+
+    def take(self) -> httpx.Response | None:
+        with self._lock:
+            self._taken = True
+            response, self._response = self._response, None
+            return response
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length", "")
+    return int(value) if value.isdigit() else None
+
+
+def _captured(response: httpx.Response, body: bytes) -> _Captured:
+    return _Captured(
+        response.status_code,
+        list(response.headers.raw),
+        body,
+        response.extensions.get("http_version", b"HTTP/1.1"),
+        response.extensions.get("reason_phrase", b""),
+    )
+
+
+def _live(response: httpx.Response, stream: httpx.SyncByteStream | httpx.AsyncByteStream) -> Any:
+    return httpx.Response(
+        response.status_code,
+        headers=response.headers.raw,
+        stream=stream,
+        extensions=dict(response.extensions),
+    )
+
+
+class _RestSync(httpx.SyncByteStream):
+    def __init__(self, head: list[bytes], rest: Iterator[bytes], source: Any) -> None:
+        self._head, self._rest, self._source = head, rest, source
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._head
+        yield from self._rest
+
+    def close(self) -> None:
+        self._source.close()
+
+
+class _RestAsync(httpx.AsyncByteStream):
+    def __init__(self, head: list[bytes], rest: AsyncIterator[bytes], source: Any) -> None:
+        self._head, self._rest, self._source = head, rest, source
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self._head:
+            yield chunk
+        async for chunk in self._rest:
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._source.aclose()
+
+
+def _announced_too_large(request: httpx.Request, response: httpx.Response, limit: int) -> bool:
+    length = _content_length(response)  # a HEAD answer announces a body it does not send
+    return request.method != "HEAD" and length is not None and length > limit
+
+
+def read_sync(request: httpx.Request, response: httpx.Response, limit: int) -> _Captured:
+    """Read the whole body, up to ``limit`` bytes; past it raise ``_TooLarge``."""
+
+    async def close() -> None:
+        await asyncio.to_thread(response.close)
+
+    if _announced_too_large(request, response, limit):
+        raise _TooLarge(response, close, limit)
+    head: list[bytes] = []
+    size = 0
+    try:
+        chunks = iter(response.stream)  # type: ignore[arg-type]
+        for chunk in chunks:
+            head.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                live = _live(response, _RestSync(head, chunks, response.stream))
+                raise _TooLarge(live, close, limit)
+    except _TooLarge:
+        raise
+    except BaseException:
+        response.close()
+        raise
+    response.close()
+    return _captured(response, b"".join(head))
+
+
+async def read_async(request: httpx.Request, response: httpx.Response, limit: int) -> _Captured:
+    """``read_sync``'s twin for an async inner transport."""
+    if _announced_too_large(request, response, limit):
+        raise _TooLarge(response, response.aclose, limit)
+    head: list[bytes] = []
+    size = 0
+    try:
+        chunks = aiter(response.stream)  # type: ignore[arg-type]
+        async for chunk in chunks:
+            head.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                live = _live(response, _RestAsync(head, chunks, response.stream))
+                raise _TooLarge(live, live.aclose, limit)
+    except _TooLarge:
+        raise
+    except BaseException:
+        await response.aclose()
+        raise
+    await response.aclose()
+    return _captured(response, b"".join(head))
+
+
+class _Options:
+    """Options and pure steps the twins share: which requests to deduplicate and under
+    what key, the attempt that classifies an answer, and the response a caller gets."""
+
+    def __init__(
+        self,
+        dedup: Dedup | None,
+        *,
+        methods: Collection[str],
+        key: KeyFunc | None,
+        ttl: float | None,
+        priority: int,
+        cache_statuses: Collection[int] | None,
+        timeout: float | None,
+        max_body_bytes: int,
+        on_redis_error: str,
+    ) -> None:
+        if dedup is not None and not isinstance(dedup, Dedup):
+            raise ConfigError(f"dedup must be a Dedup, got {type(dedup).__name__}")
+        if isinstance(methods, str) or not all(isinstance(m, str) for m in methods):
+            raise ConfigError(f"methods= must be a collection of method names, got {methods!r}")
+        if key is not None and not callable(key):
+            raise ConfigError(f"key= must be a callable Request -> str | None, got {key!r}")
+        statuses = range(200, 300) if cache_statuses is None else cache_statuses
+        if isinstance(statuses, (str, bytes)) or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in statuses
+        ):
+            raise ConfigError(f"cache_statuses= must be ints, got {cache_statuses!r}")
+        if (
+            isinstance(max_body_bytes, bool)
+            or not isinstance(max_body_bytes, int)
+            or (max_body_bytes < 0)
+        ):
+            raise ConfigError(f"max_body_bytes must be an int >= 0, got {max_body_bytes!r}")
+        self.flight = self._flight_options({"ttl": ttl, "priority": priority, "timeout": timeout})
+        self._dedup = dedup
+        self.methods = frozenset(m.upper() for m in methods)
+        self.key_func = key
+        self.cache_statuses = frozenset(statuses)
+        self.max_body_bytes = max_body_bytes
+        self.policy = RedisErrorPolicy(on_redis_error)
+
+    @staticmethod
+    def _flight_options(values: dict[str, Any]) -> dict[str, Any]:
+        if "priority" in values:
+            validate_priority(values["priority"])
+        if values.get("ttl") is not None:
+            validate({"result_ttl": values["ttl"]})
+        if values.get("timeout") is not None:
+            validate({"timeout": values["timeout"]})
+        return values
+
+    def dedup(self) -> Dedup:
+        return self._dedup or default_dedup()
+
+    def wanted(self, request: httpx.Request) -> dict[str, Any] | None:
+        """This request's options if it is to be deduplicated, else None (count it)."""
+        options = request.extensions.get("dedupcall") or {}
+        if not isinstance(options, dict) or not set(options) <= REQUEST_OPTIONS:
+            raise ConfigError(
+                f"request.extensions['dedupcall'] must be a dict with keys among "
+                f"{sorted(REQUEST_OPTIONS)}, got {options!r}"
+            )
+        enabled = options.get("enabled")
+        if enabled is False or (enabled is not True and request.method not in self.methods):
+            self._count_pass_through()
+            return None
+        return options
+
+    def key(self, request: httpx.Request, options: dict[str, Any]) -> str | None:
+        """The flight key (``request.content`` must be read); None: don't deduplicate."""
+        key = options.get("key")
+        if key is None:
+            key = self.key_func(request) if self.key_func else default_key(request)
+        if key is None:
+            self._count_pass_through()
+            return None
+        if not isinstance(key, str):
+            raise ConfigError(f"a transport key must be str or None, got {type(key).__name__}")
+        return key
+
+    def flight_for(self, options: dict[str, Any]) -> dict[str, Any]:
+        given = {k: v for k, v in options.items() if k in ("ttl", "priority", "timeout")}
+        return {**self.flight, **self._flight_options(given)} if given else self.flight
+
+    def _count_pass_through(self) -> None:
+        # No Dedup anywhere: nothing to count in, and none is needed to pass through.
+        with contextlib.suppress(ConfigError):
+            self.dedup().count("passed_through")
+
+    # --- the attempt ---------------------------------------------------------------
+    def attempt(
+        self, dedup: Dedup, send: Callable[[], Awaitable[_Captured]], handoff: _Handoff
+    ) -> Callable[[str], Attempt]:
+        """The attempt factory of a transport flight: ``send()`` the request once
+        (bounded by ``execution_timeout``) and classify what came back."""
+
+        def make(key: str) -> Attempt:
+            async def attempt(grant: Grant) -> Outcome:
+                fields = {
+                    "request_id": grant.request_id,
+                    "key": key,
+                    "kind": "transport",
+                    "attempts": grant.attempts,
+                    "executed_by": dedup.instance_id,
+                }
+                timeout = dedup.config.execution_timeout
+                try:
+                    answer = await within(send(), timeout)
+                except TimeoutError as exc:
+                    message = f"no response within execution_timeout={timeout} s"
+                    return _failure(fields, "ExecutionTimeout", message, exc, retryable=True)
+                except _TooLarge as exc:
+                    if not handoff.offer(exc.response):
+                        await exc.close()  # the caller that sent it is gone
+                    message = (
+                        f"{exc}; the caller that sent it received it, others must retry "
+                        "without dedup (extensions={'dedupcall': {'enabled': False}})"
+                    )
+                    return _failure(fields, "ResponseTooLarge", message, exc)
+                except httpx.TransportError as exc:
+                    return _failure(fields, type(exc).__name__, str(exc), exc, retryable=True)
+                except Exception as exc:
+                    return _failure(fields, type(exc).__name__, str(exc), exc)
+                return self._classify(fields, answer)
+
+            return attempt
+
+        return make
+
+    def _classify(self, fields: dict[str, Any], answer: _Captured) -> Outcome:
+        data = codec.encode_response(
+            answer.status, answer.headers, answer.body, answer.http_version, answer.reason
+        )
+        status = answer.status
+        if status in self.cache_statuses:
+            record = codec.result_record(ok=True, data=data, status_code=status, **fields)
+            return Outcome(record, ok=True)
+        retryable = status in httpexec.RETRY_STATUSES
+        record = codec.result_record(
+            ok=False,
+            data=data,
+            status_code=status,
+            error_type="HTTPStatusError",
+            message=f"HTTP {status} for {fields['key']}",
+            **fields,
+        )
+        wait = httpexec.retry_after_ms(_header(answer.headers, b"retry-after"))
+        return Outcome(record, ok=False, retryable=retryable, retry_after_ms=wait)
+
+    # --- the answer ------------------------------------------------------------------
+    @staticmethod
+    def keeps_live(result: Result) -> bool:
+        """Whether a live (too-large) response goes to this caller."""
+        return result.outcome == "executed" and result.error_type == "ResponseTooLarge"
+
+    @staticmethod
+    def response(
+        request: httpx.Request,
+        result: Result,
+        error: BaseException | None,
+        live: httpx.Response | None,
+    ) -> httpx.Response:
+        """The response this caller gets, or the ``TransportCallFailed`` it raises."""
+        info = {"outcome": result.outcome, "request_id": result.request_id}
+        if live is not None:
+            live.extensions["dedupcall"] = info
+            return live
+        if isinstance(result.data, dict):
+            try:
+                status, headers, body, version, reason = codec.decode_response(result.data)
+            except ValueError as exc:
+                raise _failed(request, result, f"{exc}", "MalformedResult") from None
+            return httpx.Response(
+                status,
+                headers=headers,
+                stream=httpx.ByteStream(body),
+                request=request,
+                extensions={"http_version": version, "reason_phrase": reason, "dedupcall": info},
+            )
+        raise _failed(request, result, result.error or "", result.error_type) from error
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _failure(
+    fields: dict[str, Any],
+    error_type: str,
+    message: str,
+    error: BaseException,
+    *,
+    retryable: bool = False,
+) -> Outcome:
+    record = codec.result_record(ok=False, error_type=error_type, message=message[:2000], **fields)
+    return Outcome(record, ok=False, retryable=retryable, error=error)
+
+
+def _failed(
+    request: httpx.Request, result: Result, message: str, error_type: str | None
+) -> TransportCallFailed:
+    cls = ResponseTooLarge if error_type == "ResponseTooLarge" else TransportCallFailed
+    exc = cls(
+        message,
+        error_type=error_type or "Error",
+        attempts=result.attempts,
+        request_id=result.request_id,
+        key=result.api_path,
+        status_code=result.status_code,
+    )
+    exc.request = request
+    return exc
+
+
+_OPTIONS_DOC = """
+    ``dedup``: the ``Dedup`` (default: ``dedupcall.configure``'s, else from the
+    environment). ``transport``: the inner transport that really sends (default: httpx's
+    own). ``methods``: what is deduplicated (default GET and HEAD; others pass straight
+    through). ``key``: ``Request -> str | None`` (None: don't deduplicate this one;
+    default ``default_key``). ``ttl``, ``priority``, ``timeout``: as for ``Dedup.call``.
+    ``cache_statuses``: statuses whose response answers later callers (default 2xx).
+    ``max_body_bytes``: larger responses go only to the caller that sent the request;
+    the others get ``ResponseTooLarge``. ``on_redis_error``: ``"raise"`` or ``"bypass"``.
+    A request may override ``enabled``, ``key``, ``ttl``, ``priority`` and ``timeout`` in
+    ``extensions={"dedupcall": {...}}``.
+"""
+
+
+class DedupTransport(httpx.BaseTransport):
+    """A sync httpx transport: ``httpx.Client(transport=DedupTransport(dedup))``.
+
+    The request is sent once per key across every instance, from the calling thread
+    that won the flight; the others block only their own thread.
+    """
+
+    __doc__ = (__doc__ or "") + _OPTIONS_DOC
+
+    def __init__(
+        self,
+        dedup: Dedup | None = None,
+        transport: httpx.BaseTransport | None = None,
+        *,
+        methods: Collection[str] = DEFAULT_METHODS,
+        key: KeyFunc | None = None,
+        ttl: float | None = None,
+        priority: int = 0,
+        cache_statuses: Collection[int] | None = None,
+        timeout: float | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        on_redis_error: str = "raise",
+    ) -> None:
+        self._options = _Options(
+            dedup,
+            methods=methods,
+            key=key,
+            ttl=ttl,
+            priority=priority,
+            cache_statuses=cache_statuses,
+            timeout=timeout,
+            max_body_bytes=max_body_bytes,
+            on_redis_error=on_redis_error,
+        )
+        self._inner = transport if transport is not None else httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        o = self._options
+        options = o.wanted(request)
+        if options is None:
+            return self._inner.handle_request(request)
+        request.read()
+        key = o.key(request, options)
+        dedup = o.dedup()
+        if key is None or o.policy.skip(dedup):
+            return self._inner.handle_request(request)
+        handoff = _Handoff()
+
+        def send() -> _Captured:
+            return read_sync(request, self._inner.handle_request(request), o.max_body_bytes)
+
+        def start(run_in_caller: Callable[[], Awaitable[_Captured]]) -> Any:
+            attempt = o.attempt(dedup, run_in_caller, handoff)
+            return dedup.run_flight("transport", key, attempt, **o.flight_for(options))
+
+        slot = ("transport", codec.key_digest("transport", key))
+        try:
+            result, error = dedup.sync.call(slot, send, start)
+        except RedisUnavailable as exc:
+            _close_sync(handoff.take())
+            o.policy.failed(dedup, exc, key)
+            return self._inner.handle_request(request)
+        except BaseException:
+            _close_sync(handoff.take())
+            raise
+        live = handoff.take()
+        if live is not None and not o.keeps_live(result):
+            _close_sync(live)
+            live = None
+        return o.response(request, result, error, live)
+
+    def close(self) -> None:
+        """Close the inner transport (the ``Dedup`` is not closed: it is not ours)."""
+        self._inner.close()
+
+    def __enter__(self) -> DedupTransport:
+        self._inner.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: types.TracebackType | None = None,
+    ) -> None:
+        self._inner.__exit__(exc_type, exc_value, traceback)
+
+
+class AsyncDedupTransport(httpx.AsyncBaseTransport):
+    """An async httpx transport: ``httpx.AsyncClient(transport=AsyncDedupTransport(dedup))``.
+
+    The request is sent once per key across every instance; the others await the result.
+    """
+
+    __doc__ = (__doc__ or "") + _OPTIONS_DOC
+
+    def __init__(
+        self,
+        dedup: Dedup | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        *,
+        methods: Collection[str] = DEFAULT_METHODS,
+        key: KeyFunc | None = None,
+        ttl: float | None = None,
+        priority: int = 0,
+        cache_statuses: Collection[int] | None = None,
+        timeout: float | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        on_redis_error: str = "raise",
+    ) -> None:
+        self._options = _Options(
+            dedup,
+            methods=methods,
+            key=key,
+            ttl=ttl,
+            priority=priority,
+            cache_statuses=cache_statuses,
+            timeout=timeout,
+            max_body_bytes=max_body_bytes,
+            on_redis_error=on_redis_error,
+        )
+        self._inner = transport if transport is not None else httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        o = self._options
+        options = o.wanted(request)
+        if options is None:
+            return await self._inner.handle_async_request(request)
+        await request.aread()
+        key = o.key(request, options)
+        dedup = o.dedup()
+        if key is None or o.policy.skip(dedup):
+            return await self._inner.handle_async_request(request)
+        handoff = _Handoff()
+
+        async def send() -> _Captured:
+            response = await self._inner.handle_async_request(request)
+            return await read_async(request, response, o.max_body_bytes)
+
+        attempt = o.attempt(dedup, send, handoff)
+        try:
+            result, error = await dedup.run_flight(
+                "transport", key, attempt, **o.flight_for(options)
+            )
+        except RedisUnavailable as exc:
+            await _close_async(handoff.take())
+            o.policy.failed(dedup, exc, key)
+            return await self._inner.handle_async_request(request)
+        except BaseException:
+            await _close_async(handoff.take())
+            raise
+        live = handoff.take()
+        if live is not None and not o.keeps_live(result):
+            await _close_async(live)
+            live = None
+        return o.response(request, result, error, live)
+
+    async def aclose(self) -> None:
+        """Close the inner transport (the ``Dedup`` is not closed: it is not ours)."""
+        await self._inner.aclose()
+
+    async def __aenter__(self) -> AsyncDedupTransport:
+        await self._inner.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: types.TracebackType | None = None,
+    ) -> None:
+        await self._inner.__aexit__(exc_type, exc_value, traceback)
+
+
+def _close_sync(response: httpx.Response | None) -> None:
+    if response is not None:
+        response.close()
+
+
+async def _close_async(response: httpx.Response | None) -> None:
+    if response is not None:
+        await response.aclose()
