@@ -36,8 +36,9 @@ def lifespan(
     closes connections.
 
     ``Starlette(lifespan=dedupcall.lifespan(dedup))``; ``inner=`` composes your own
-    lifespan (an async context manager factory, or an async generator function), which
-    starts after the worker and stops before it, and whose state is passed through. The
+    lifespan (an async context manager factory, or an async generator function), whose
+    state is passed through. It starts after the worker; at shutdown the ``Dedup`` drains
+    and closes first, so running flights can still use what your lifespan opened. The
     ``Dedup`` is in the lifespan state as ``request.state.dedup`` (``state_key``) and on
     ``app.state``. ``dedup`` defaults to the process-wide one (``dedupcall.configure``).
     """
@@ -59,7 +60,12 @@ def lifespan(
                 yield {state_key: instance}
                 return
             async with wrapped(app) as state:
-                yield {**(state or {}), state_key: instance}
+                try:
+                    yield {**(state or {}), state_key: instance}
+                finally:
+                    # Drain before the inner lifespan closes what running flights use
+                    # (its HTTP clients, its pools).
+                    await instance.aclose(drain_timeout=drain_timeout)
         finally:
             await instance.aclose(drain_timeout=drain_timeout)
 

@@ -222,13 +222,13 @@ class Dedup:
             self._closing = asyncio.ensure_future(self._shutdown(drain_timeout))
         await asyncio.shield(self._closing)
 
-    def close(self) -> None:
+    def close(self, *, drain_timeout: float | None = None) -> None:
         """The sync twin of ``aclose``, for code that used this ``Dedup`` only through sync
         callers: closes it on its loop and stops the private loop thread. Also runs at
         interpreter exit when that thread was started."""
         loop = self._loop
         if loop is not None and loop.is_running() and not self._closing_done():
-            self.sync.run(self.aclose())
+            self.sync.run(self.aclose(drain_timeout=drain_timeout))
         self._closed = True
         self.sync.stop_thread()
 

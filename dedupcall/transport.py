@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -523,20 +522,9 @@ class DedupTransport(httpx.BaseTransport):
         return o.response(request, result, error, live)
 
     def close(self) -> None:
-        """Close the inner transport (the ``Dedup`` is not closed: it is not ours)."""
+        """Close the inner transport (the ``Dedup`` is not closed: it is not ours). Also
+        what leaving ``with DedupTransport(...)`` does."""
         self._inner.close()
-
-    def __enter__(self) -> DedupTransport:
-        self._inner.__enter__()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc_value: BaseException | None = None,
-        traceback: types.TracebackType | None = None,
-    ) -> None:
-        self._inner.__exit__(exc_type, exc_value, traceback)
 
 
 class AsyncDedupTransport(httpx.AsyncBaseTransport):
@@ -609,20 +597,9 @@ class AsyncDedupTransport(httpx.AsyncBaseTransport):
         return o.response(request, result, error, live)
 
     async def aclose(self) -> None:
-        """Close the inner transport (the ``Dedup`` is not closed: it is not ours)."""
+        """Close the inner transport (the ``Dedup`` is not closed: it is not ours). Also
+        what leaving ``async with AsyncDedupTransport(...)`` does."""
         await self._inner.aclose()
-
-    async def __aenter__(self) -> AsyncDedupTransport:
-        await self._inner.__aenter__()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc_value: BaseException | None = None,
-        traceback: types.TracebackType | None = None,
-    ) -> None:
-        await self._inner.__aexit__(exc_type, exc_value, traceback)
 
 
 def _close_sync(response: httpx.Response | None) -> None:

@@ -11,7 +11,8 @@ Behaviour is chosen by the request itself, so child processes need no setup:
   request of that path since the last ``reset()``.
 - a path given a script with ``Upstream.script(path, [503, 503, 200])`` answers those
   statuses in turn (the last one repeats), overriding ``status=``.
-- ``/bytes/<n>`` answers ``n`` pseudo-random bytes, the same ones every time.
+- ``/bytes/<n>`` answers ``n`` pseudo-random bytes, the same ones every time
+  (``?chunked=1``: in chunks, without ``Content-Length``).
 - ``/echo`` answers the method, query, headers and body it received.
 - ``/_stats`` answers the counters as JSON (and is not counted itself).
 
@@ -151,7 +152,10 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith("/bytes/"):
             size = int(path.removeprefix("/bytes/"))
             data = random.Random(size).randbytes(size)
-            self._reply(200, data, content_type="application/octet-stream")
+            if query.get("chunked"):
+                self._reply_chunked(data)
+            else:
+                self._reply(200, data, content_type="application/octet-stream")
             return
         if path == "/echo":
             echoed = {
@@ -184,6 +188,16 @@ class _Handler(BaseHTTPRequestHandler):
             return b"".join(chunks)
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
+
+    def _reply_chunked(self, data: bytes, chunk: int = 4096) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for i in range(0, len(data), chunk):
+            part = data[i : i + chunk]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+        self.wfile.write(b"0\r\n\r\n")
 
     def _reply(
         self,
