@@ -75,3 +75,56 @@ async def test_round_trips_cold_hit_join(
         f"\nround trips: cold={len(cold)} hit={len(hit)} join={len(small)} (+push), "
         f"join with a big result={len(big)}"
     )
+
+
+async def test_round_trips_of_the_entry_points(
+    make_redis_server: Callable[..., object], make_dedup: Callable[..., Dedup], upstream: object
+) -> None:
+    """Each entry point costs what ``dedup.call`` costs: cold 2 (submit, complete), hit 1;
+    a request the transport does not deduplicate costs none."""
+    import httpx
+
+    from dedupcall import AsyncDedupTransport, DedupTransport, queued_api
+
+    server = make_redis_server()
+    dedup = make_dedup(url=server.url, **QUIET)  # type: ignore[attr-defined]
+    await dedup.start()
+    await asyncio.sleep(0.1)
+    base = upstream.url  # type: ignore[attr-defined]
+
+    @queued_api(path="/rt/async/{n}", dedup=dedup)
+    async def async_fn(n: int) -> int:
+        return n
+
+    @queued_api(path="/rt/sync/{n}", dedup=dedup)
+    def sync_fn(n: int) -> int:
+        return n
+
+    counts: dict[str, list[str]] = {}
+    async with httpx.AsyncClient(transport=AsyncDedupTransport(dedup)) as client:
+        sync_client = httpx.Client(transport=DedupTransport(dedup))
+        steps = {
+            "decorator": lambda: async_fn(1),
+            "sync decorator": lambda: asyncio.to_thread(sync_fn, 1),
+            "async transport": lambda: client.get(f"{base}/value/rt-a"),
+            "sync transport": lambda: asyncio.to_thread(sync_client.get, f"{base}/value/rt-s"),
+        }
+        with Monitor(server.port) as mon:  # type: ignore[attr-defined]
+            for name, step in steps.items():
+                for phase in ("cold", "hit"):
+                    label = f"{name}-{phase}".replace(" ", "-")  # a marker is one word
+                    mon.mark(label)
+                    await step()
+                    mon.mark(f"{label}-end")
+                    commands = mon.between(label, f"{label}-end")
+                    counts[f"{name} {phase}"] = [c.name for c in commands]
+            mon.mark("post")
+            await client.post(f"{base}/echo", content=b"x")
+            mon.mark("post-end")
+            counts["transport pass-through"] = [c.name for c in mon.between("post", "post-end")]
+        sync_client.close()
+    for name in steps:
+        assert counts[f"{name} cold"] == ["script:submit", "script:complete"], counts
+        assert counts[f"{name} hit"] == ["script:submit"], counts
+    assert counts["transport pass-through"] == []
+    print("\nround trips:", {name: len(c) for name, c in counts.items()})
