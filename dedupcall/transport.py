@@ -10,11 +10,9 @@ the outcome comes back in ``response.extensions["dedupcall"]``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 from urllib.parse import urlencode
 
@@ -22,6 +20,7 @@ import httpx
 
 from dedupcall import codec, httpexec
 from dedupcall.aio import within
+from dedupcall.bodies import Captured, TooLarge, read_async, read_sync
 from dedupcall.config import validate, validate_priority
 from dedupcall.core import Dedup
 from dedupcall.entry import RedisErrorPolicy, default_dedup
@@ -67,29 +66,6 @@ def default_key(request: httpx.Request) -> str:
     return text
 
 
-@dataclass(frozen=True)
-class _Captured:
-    """A response read in full by the process that sent the request."""
-
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-    http_version: bytes
-    reason: bytes
-
-
-class _TooLarge(Exception):
-    """The body passed ``max_body_bytes``: ``response`` is still live (what was read
-    first, then the rest of the stream) for the caller that sent it."""
-
-    def __init__(
-        self, response: httpx.Response, close: Callable[[], Awaitable[None]], limit: int
-    ) -> None:
-        super().__init__(f"the response body exceeds max_body_bytes={limit}")
-        self.response = response
-        self.close = close
-
-
 class _Handoff:
     """Carries a too-large live response from the attempt to the caller that opened the
     flight; whichever side comes second closes it if the caller is gone."""
@@ -111,111 +87,6 @@ class _Handoff:
             self._taken = True
             response, self._response = self._response, None
             return response
-
-
-def _content_length(response: httpx.Response) -> int | None:
-    value = response.headers.get("content-length", "")
-    return int(value) if value.isdigit() else None
-
-
-def _captured(response: httpx.Response, body: bytes) -> _Captured:
-    return _Captured(
-        response.status_code,
-        list(response.headers.raw),
-        body,
-        response.extensions.get("http_version", b"HTTP/1.1"),
-        response.extensions.get("reason_phrase", b""),
-    )
-
-
-def _live(response: httpx.Response, stream: httpx.SyncByteStream | httpx.AsyncByteStream) -> Any:
-    return httpx.Response(
-        response.status_code,
-        headers=response.headers.raw,
-        stream=stream,
-        extensions=dict(response.extensions),
-    )
-
-
-class _RestSync(httpx.SyncByteStream):
-    def __init__(self, head: list[bytes], rest: Iterator[bytes], source: Any) -> None:
-        self._head, self._rest, self._source = head, rest, source
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self._head
-        yield from self._rest
-
-    def close(self) -> None:
-        self._source.close()
-
-
-class _RestAsync(httpx.AsyncByteStream):
-    def __init__(self, head: list[bytes], rest: AsyncIterator[bytes], source: Any) -> None:
-        self._head, self._rest, self._source = head, rest, source
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for chunk in self._head:
-            yield chunk
-        async for chunk in self._rest:
-            yield chunk
-
-    async def aclose(self) -> None:
-        await self._source.aclose()
-
-
-def _announced_too_large(request: httpx.Request, response: httpx.Response, limit: int) -> bool:
-    length = _content_length(response)  # a HEAD answer announces a body it does not send
-    return request.method != "HEAD" and length is not None and length > limit
-
-
-def read_sync(request: httpx.Request, response: httpx.Response, limit: int) -> _Captured:
-    """Read the whole body, up to ``limit`` bytes; past it raise ``_TooLarge``."""
-
-    async def close() -> None:
-        await asyncio.to_thread(response.close)
-
-    if _announced_too_large(request, response, limit):
-        raise _TooLarge(response, close, limit)
-    head: list[bytes] = []
-    size = 0
-    try:
-        chunks = iter(response.stream)  # type: ignore[arg-type]
-        for chunk in chunks:
-            head.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                live = _live(response, _RestSync(head, chunks, response.stream))
-                raise _TooLarge(live, close, limit)
-    except _TooLarge:
-        raise
-    except BaseException:
-        response.close()
-        raise
-    response.close()
-    return _captured(response, b"".join(head))
-
-
-async def read_async(request: httpx.Request, response: httpx.Response, limit: int) -> _Captured:
-    """``read_sync``'s twin for an async inner transport."""
-    if _announced_too_large(request, response, limit):
-        raise _TooLarge(response, response.aclose, limit)
-    head: list[bytes] = []
-    size = 0
-    try:
-        chunks = aiter(response.stream)  # type: ignore[arg-type]
-        async for chunk in chunks:
-            head.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                live = _live(response, _RestAsync(head, chunks, response.stream))
-                raise _TooLarge(live, live.aclose, limit)
-    except _TooLarge:
-        raise
-    except BaseException:
-        await response.aclose()
-        raise
-    await response.aclose()
-    return _captured(response, b"".join(head))
 
 
 class _Options:
@@ -310,7 +181,7 @@ class _Options:
 
     # --- the attempt ---------------------------------------------------------------
     def attempt(
-        self, dedup: Dedup, send: Callable[[], Awaitable[_Captured]], handoff: _Handoff
+        self, dedup: Dedup, send: Callable[[], Awaitable[Captured]], handoff: _Handoff
     ) -> Callable[[str], Attempt]:
         """The attempt factory of a transport flight: ``send()`` the request once
         (bounded by ``execution_timeout``) and classify what came back."""
@@ -330,7 +201,7 @@ class _Options:
                 except TimeoutError as exc:
                     message = f"no response within execution_timeout={timeout} s"
                     return _failure(fields, "ExecutionTimeout", message, exc, retryable=True)
-                except _TooLarge as exc:
+                except TooLarge as exc:
                     if not handoff.offer(exc.response):
                         await exc.close()  # the caller that sent it is gone
                     message = (
@@ -348,7 +219,7 @@ class _Options:
 
         return make
 
-    def _classify(self, fields: dict[str, Any], answer: _Captured) -> Outcome:
+    def _classify(self, fields: dict[str, Any], answer: Captured) -> Outcome:
         data = codec.encode_response(
             answer.status, answer.headers, answer.body, answer.http_version, answer.reason
         )
@@ -498,10 +369,10 @@ class DedupTransport(httpx.BaseTransport):
             return self._inner.handle_request(request)
         handoff = _Handoff()
 
-        def send() -> _Captured:
+        def send() -> Captured:
             return read_sync(request, self._inner.handle_request(request), o.max_body_bytes)
 
-        def start(run_in_caller: Callable[[], Awaitable[_Captured]]) -> Any:
+        def start(run_in_caller: Callable[[], Awaitable[Captured]]) -> Any:
             attempt = o.attempt(dedup, run_in_caller, handoff)
             return dedup.run_flight("transport", key, attempt, **o.flight_for(options))
 
@@ -574,7 +445,7 @@ class AsyncDedupTransport(httpx.AsyncBaseTransport):
             return await self._inner.handle_async_request(request)
         handoff = _Handoff()
 
-        async def send() -> _Captured:
+        async def send() -> Captured:
             response = await self._inner.handle_async_request(request)
             return await read_async(request, response, o.max_body_bytes)
 
