@@ -55,7 +55,8 @@ def lifespan(
         instance = dedup or default_dedup()
         await instance.start()
         try:
-            setattr(app.state, state_key, instance)
+            if hasattr(app, "state"):  # a Starlette or FastAPI app (a bare Router has none)
+                setattr(app.state, state_key, instance)
             if wrapped is None:
                 yield {state_key: instance}
                 return

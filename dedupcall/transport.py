@@ -364,8 +364,7 @@ class DedupTransport(httpx.BaseTransport):
             return self._inner.handle_request(request)
         request.read()
         key = o.key(request, options)
-        dedup = o.dedup()
-        if key is None or o.policy.skip(dedup):
+        if key is None or o.policy.skip(dedup := o.dedup()):
             return self._inner.handle_request(request)
         handoff = _Handoff()
 
@@ -440,8 +439,7 @@ class AsyncDedupTransport(httpx.AsyncBaseTransport):
             return await self._inner.handle_async_request(request)
         await request.aread()
         key = o.key(request, options)
-        dedup = o.dedup()
-        if key is None or o.policy.skip(dedup):
+        if key is None or o.policy.skip(dedup := o.dedup()):
             return await self._inner.handle_async_request(request)
         handoff = _Handoff()
 

@@ -473,3 +473,38 @@ def test_sync_bypass_when_redis_is_down() -> None:
     assert direct() == threading.current_thread().name
     assert down.stats()["bypassed"] == 1
     down.close()
+
+
+async def test_cancelled_callers_leave_without_harming_the_others(dedup: Dedup) -> None:
+    runs = 0
+    started = asyncio.Event()
+
+    @queued_api(path="/slow/{n}", dedup=dedup)
+    async def slow(n: int) -> int:
+        nonlocal runs
+        runs += 1
+        started.set()
+        await asyncio.sleep(0.3)
+        return n
+
+    opener = asyncio.create_task(slow(1))  # its process runs the function
+    await started.wait()
+    others = [asyncio.create_task(slow(1)) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    opener.cancel()
+    others[0].cancel()
+    assert await asyncio.gather(*others[1:]) == [1, 1]
+    with pytest.raises(asyncio.CancelledError):
+        await opener
+
+    # Every caller gone while it runs: the flight still finishes, and its result is stored.
+    started.clear()
+    lone = asyncio.create_task(slow(2))
+    await started.wait()
+    lone.cancel()
+    for _ in range(100):
+        if await dedup.get_flight_by_key("/slow/2") is None:
+            break
+        await asyncio.sleep(0.02)
+    assert await slow(2) == 2
+    assert runs == 2  # /slow/2 ran once: the last call was a cache hit

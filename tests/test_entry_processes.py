@@ -16,11 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
+from dedup_fixtures import FAST
 from dedupcall import Dedup
 from procs import Proc, Spawner
 from upstream import Upstream
-
-FAST = {"lock_timeout": 1.0, "heartbeat_interval": 0.2, "retry_delay": 0.05, "poll_interval": 0.5}
 
 
 def serve(

@@ -310,3 +310,20 @@ def test_bad_options_are_config_errors(options: dict[str, Any], match: str) -> N
     for twin in (DedupTransport, AsyncDedupTransport):
         with pytest.raises(ConfigError, match=match):
             twin(None, **options)
+
+
+async def test_a_cancelled_request_leaves_the_others_their_response(
+    dedup: Dedup, upstream: Upstream
+) -> None:
+    async with httpx.AsyncClient(transport=AsyncDedupTransport(dedup)) as client:
+        url = f"{upstream.url}/value/c?delay=0.3"
+        first = asyncio.create_task(client.get(url))
+        while upstream.hits("/value/c") == 0:
+            await asyncio.sleep(0.01)
+        rest = [asyncio.create_task(client.get(url)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        first.cancel()
+        rest[0].cancel()
+        responses = await asyncio.gather(*rest[1:])
+    assert [r.status_code for r in responses] == [200, 200]
+    assert upstream.hits("/value/c") == 1
