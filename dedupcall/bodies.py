@@ -4,8 +4,7 @@ that sent the request: a body is shared whole or not at all, never truncated."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,12 +26,9 @@ class TooLarge(Exception):
     """The body passed ``max_body_bytes``: ``response`` is still live (what was read
     first, then the rest of the stream) for the caller that sent it."""
 
-    def __init__(
-        self, response: httpx.Response, close: Callable[[], Awaitable[None]], limit: int
-    ) -> None:
+    def __init__(self, response: httpx.Response, limit: int) -> None:
         super().__init__(f"the response body exceeds max_body_bytes={limit}")
         self.response = response
-        self.close = close
 
 
 def _content_length(response: httpx.Response) -> int | None:
@@ -93,11 +89,8 @@ def _announced_too_large(request: httpx.Request, response: httpx.Response, limit
 def read_sync(request: httpx.Request, response: httpx.Response, limit: int) -> Captured:
     """Read the whole body, up to ``limit`` bytes; past it raise ``TooLarge``."""
 
-    async def close() -> None:
-        await asyncio.to_thread(response.close)
-
     if _announced_too_large(request, response, limit):
-        raise TooLarge(response, close, limit)
+        raise TooLarge(response, limit)
     head: list[bytes] = []
     size = 0
     try:
@@ -107,7 +100,7 @@ def read_sync(request: httpx.Request, response: httpx.Response, limit: int) -> C
             size += len(chunk)
             if size > limit:
                 live = _live(response, _RestSync(head, chunks, response.stream))
-                raise TooLarge(live, close, limit)
+                raise TooLarge(live, limit)
     except TooLarge:
         raise
     except BaseException:
@@ -120,7 +113,7 @@ def read_sync(request: httpx.Request, response: httpx.Response, limit: int) -> C
 async def read_async(request: httpx.Request, response: httpx.Response, limit: int) -> Captured:
     """``read_sync``'s twin for an async inner transport."""
     if _announced_too_large(request, response, limit):
-        raise TooLarge(response, response.aclose, limit)
+        raise TooLarge(response, limit)
     head: list[bytes] = []
     size = 0
     try:
@@ -130,7 +123,7 @@ async def read_async(request: httpx.Request, response: httpx.Response, limit: in
             size += len(chunk)
             if size > limit:
                 live = _live(response, _RestAsync(head, chunks, response.stream))
-                raise TooLarge(live, live.aclose, limit)
+                raise TooLarge(live, limit)
     except TooLarge:
         raise
     except BaseException:

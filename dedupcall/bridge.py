@@ -6,6 +6,8 @@ loop it is bound to, or a private loop thread started on first sync use). When t
 is granted to this process, the attempt on the loop hands the function to a waiting
 caller thread (the one that opened the flight, while it still waits) and awaits its value;
 if every caller thread has left, a worker thread runs it, so a granted flight still ends.
+A function running in a thread cannot be stopped: an attempt that times out or is
+cancelled keeps its slot and lease until the function returns, so no retry overlaps it.
 """
 
 from __future__ import annotations
@@ -14,17 +16,27 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
-import functools
+import os
 import queue
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from dedupcall.errors import DedupError
+from dedupcall.errors import DedupError, WaitTimeout
+
+if TYPE_CHECKING:
+    from dedupcall.core import Dedup
 
 T = TypeVar("T")
-Slot = tuple[str, str]  # (kind, key digest): the same slot as the core's local flight
+
+
+class _Deadline(Exception):
+    """A sync caller's own timeout passed (turned into ``WaitTimeout``)."""
+
+
+Slot = tuple[str, "str | bytes"]  # (kind, key): the sync callers of one flight
 
 
 class LoopThread:
@@ -78,35 +90,40 @@ class _Caller:
     inbox: queue.SimpleQueue[_Job | None] = field(default_factory=queue.SimpleQueue)
     finished: bool = False  # its call has an answer: it takes no more jobs
     busy: bool = False  # running a job now
+    ran: bool = False  # ran a job: it waits for the flight's end, whatever its timeout
 
 
 class SyncBridge:
     """Per ``Dedup``: the loop sync callers hand their work to, and the caller threads
-    waiting on each flight slot. ``bound_loop()`` returns the loop the ``Dedup`` is bound
-    to, if any; ``on_exit`` runs at interpreter exit once a private loop thread started
-    (daemon threads still run then), to close the ``Dedup`` cleanly."""
+    waiting on each flight. Once a private loop thread started, closing the ``Dedup``
+    runs at interpreter exit too (daemon threads still run then)."""
 
-    def __init__(
-        self,
-        bound_loop: Callable[[], asyncio.AbstractEventLoop | None],
-        name: str,
-        on_exit: Callable[[], None],
-    ) -> None:
-        self._bound_loop = bound_loop
-        self._name = name
-        self._on_exit = on_exit
+    def __init__(self, dedup: Dedup) -> None:
+        self._dedup = dedup
+        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._callers: dict[Slot, list[_Caller]] = {}
         self.thread: LoopThread | None = None  # the private loop thread, once started
 
+    @property
+    def forked(self) -> bool:
+        """True in a child forked after this ``Dedup`` was made: its loop thread and its
+        connections belong to the parent."""
+        return os.getpid() != self._pid
+
     def loop(self) -> asyncio.AbstractEventLoop:
         """The running loop to hand sync work to; starts the private one if unbound."""
-        loop = self._bound_loop()
+        if self.forked:
+            raise DedupError(
+                "this Dedup was created before the process forked; create it (or call "
+                "dedupcall.configure) in the child, after the fork"
+            )
+        loop = self._dedup._loop
         if loop is None:
             with self._lock:
                 if self.thread is None:
-                    self.thread = LoopThread(f"dedupcall-loop-{self._name}")
-                    atexit.register(self._on_exit)
+                    self.thread = LoopThread(f"dedupcall-loop-{self._dedup.instance_id}")
+                    atexit.register(self._dedup.close)
                 loop = self.thread.loop
         if loop.is_closed() or not loop.is_running():
             raise DedupError(
@@ -122,11 +139,11 @@ class SyncBridge:
                 )
         return loop
 
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the loop and block this thread for its value."""
         future = asyncio.run_coroutine_threadsafe(coro, self.loop())
         try:
-            return future.result(timeout)
+            return future.result()
         except concurrent.futures.CancelledError:
             raise DedupError("the call was cancelled: its Dedup's loop stopped") from None
         finally:
@@ -134,46 +151,64 @@ class SyncBridge:
 
     def call(
         self,
-        slot: Slot,
+        kind: str,
+        key: str | bytes,
         fn: Callable[[], Any],
         start: Callable[[Callable[[], Awaitable[Any]]], Coroutine[Any, Any, T]],
+        timeout: float | None,
     ) -> T:
-        """Block this thread on ``start(run_in_caller)``, run on the loop.
+        """Block this thread on ``start(run_in_caller)``, run on the loop, for at most
+        ``timeout`` seconds (``WaitTimeout``) unless this thread ran the function.
 
         ``run_in_caller()``, awaited on the loop by the flight's attempt, has a waiting
-        caller thread of ``slot`` run its own ``fn`` (this thread's, while it waits and is
-        free) and returns the value or raises what ``fn`` raised.
+        caller thread of (``kind``, ``key``) run its own ``fn`` (this thread's, while it
+        waits and is free) and returns the value or raises what ``fn`` raised.
         """
+        if self._dedup._closed:
+            raise DedupError("this Dedup is closed")
         loop = self.loop()
-        me = _Caller(slot, fn)
+        me = _Caller((kind, key), fn)
         with self._lock:
-            self._callers.setdefault(slot, []).append(me)
+            self._callers.setdefault(me.slot, []).append(me)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        future: concurrent.futures.Future[T] | None = None
         try:
-            future = asyncio.run_coroutine_threadsafe(
-                start(functools.partial(self._run_in_caller, me)), loop
-            )
+            future = asyncio.run_coroutine_threadsafe(start(lambda: self._run_in(me)), loop)
             future.add_done_callback(lambda _: self._finished(me))
-            while True:
-                try:
-                    job = me.inbox.get(timeout=1.0)
-                except queue.Empty:
-                    if loop.is_closed() or not loop.is_running():
-                        raise DedupError(
-                            "the event loop of this Dedup stopped while a sync call waited"
-                        ) from None
-                    continue
-                if job is None:
-                    break
+            while (job := self._next(me, loop, deadline)) is not None:
                 self._run_job(me, job, loop)
             try:
                 return future.result()
             except concurrent.futures.CancelledError:
                 raise DedupError("the call was cancelled: its Dedup's loop stopped") from None
+        except _Deadline:
+            self._dedup.count("timeouts")
+            raise WaitTimeout(f"no result for {key!r} within {timeout} s") from None
         finally:
+            if future is not None and not future.done():
+                future.cancel()  # this caller leaves the flight (a timeout, an interrupt)
             self._leave(me, loop)
 
+    def _next(
+        self, me: _Caller, loop: asyncio.AbstractEventLoop, deadline: float | None
+    ) -> _Job | None:
+        """The next job for this thread, or None once its call has an answer."""
+        while True:
+            wait = 1.0
+            if deadline is not None and not me.ran:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise _Deadline
+            try:
+                return me.inbox.get(timeout=wait)
+            except queue.Empty:
+                if loop.is_closed() or not loop.is_running():
+                    raise DedupError(
+                        "the event loop of this Dedup stopped while a sync call waited"
+                    ) from None
+
     # --- loop side -----------------------------------------------------------------
-    async def _run_in_caller(self, opener: _Caller) -> Any:
+    async def _run_in(self, opener: _Caller) -> Any:
         loop = asyncio.get_running_loop()
         while True:
             job = _Job(loop.create_future())
@@ -186,11 +221,19 @@ class SyncBridge:
                 # end (its result is stored for everyone), in a worker thread.
                 return await asyncio.to_thread(opener.run)
             try:
-                kind, value = await job.future
-            except asyncio.CancelledError:  # the attempt's execution_timeout (or shutdown)
+                # Shielded: a cancellation must not cancel job.future itself, which the
+                # thread still settles and which is awaited again below.
+                kind, value = await asyncio.shield(job.future)
+            except asyncio.CancelledError:  # execution_timeout, or a drain
                 with self._lock:
+                    taken = job.state == "taken"
                     if job.state == "posted":
                         job.state = "cancelled"
+                if taken:
+                    # The function runs on in its thread: hold this attempt (its slot and
+                    # lease) until it returns, so no retry runs beside it. A second
+                    # cancellation (a shutdown giving up) stops waiting.
+                    await asyncio.shield(job.future)
                 raise
             if kind == "value":
                 return value
@@ -212,7 +255,7 @@ class SyncBridge:
             if job.state != "posted":
                 return  # the attempt gave up on it meanwhile
             job.state = "taken"
-            me.busy = True
+            me.busy = me.ran = True
         interrupted: BaseException | None = None
         try:
             outcome: tuple[str, Any] = ("value", me.run())
@@ -261,7 +304,7 @@ class SyncBridge:
         with self._lock:
             thread, self.thread = self.thread, None
         if thread is not None:
-            atexit.unregister(self._on_exit)
+            atexit.unregister(self._dedup.close)
             thread.stop()
 
 

@@ -93,6 +93,16 @@ def validate_priority(priority: Any) -> int:
     return priority
 
 
+def validate_call(priority: Any, ttl: Any, timeout: Any) -> None:
+    """Per-call options: ``priority`` (see ``validate_priority``), ``ttl`` and ``timeout``
+    (seconds > 0, or None); else ``ConfigError``."""
+    validate_priority(priority)
+    if ttl is not None:
+        validate({"result_ttl": ttl})
+    if timeout is not None:
+        validate({"timeout": timeout})
+
+
 def encode_shared(values: Mapping[str, Any]) -> dict[str, str]:
     """Shared settings as Redis hash fields (``max_concurrent=None`` is stored as 0)."""
     out = {}

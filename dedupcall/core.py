@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 import uuid
 from collections import Counter
@@ -32,6 +33,7 @@ from dedupcall.config import (
     redact,
     url_from_env,
     validate,
+    validate_call,
     validate_priority,
 )
 from dedupcall.errors import (
@@ -71,6 +73,10 @@ COUNTERS = (
 )
 
 
+def _new_instance_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
 def exception_types(value: Any) -> tuple[type[BaseException], ...]:
     """``retry_on`` as a tuple of exception classes, or ``ConfigError``."""
     types = (value,) if isinstance(value, type) else value
@@ -97,8 +103,9 @@ class Dedup:
         self.keys = KeySpace(namespace)
         self.namespace = namespace
         self.config = Config().with_values(**config)
-        self.instance_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.instance_id = _new_instance_id()
         self._counters: Counter[str] = Counter()
+        self._count_lock = threading.Lock()  # entry points count from caller threads
         self._local: dict[tuple[str, str], LocalFlight] = {}
         self._by_id: dict[str, LocalFlight] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -107,7 +114,7 @@ class Dedup:
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
         # Sync callers (sync decorated functions, DedupTransport) come in through here.
-        self.sync = SyncBridge(lambda: self._loop, self.instance_id, on_exit=self.close)
+        self.sync = SyncBridge(self)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Dedup:
@@ -136,12 +143,33 @@ class Dedup:
         await self.aclose()
 
     async def start(self) -> None:
-        """Connect, seed config, subscribe and start the worker (idempotent)."""
+        """Connect, seed config, subscribe and start the worker (idempotent).
+
+        A closed ``Dedup`` starts again, as a new instance (an app's lifespan may run more
+        than once, e.g. in tests); one running on the private loop of its sync callers
+        moves to this loop (closed there, started here).
+        """
+        private = self.sync.thread
+        here = asyncio.get_running_loop()
+        if private is not None and self._loop is private.loop and here is not private.loop:
+            await self.aclose()
+        if self._closed:
+            await self._reopen()
+        await self._begin()
+
+    async def _reopen(self) -> None:
+        closing = self._closing
+        if closing is not None and not closing.done():
+            if closing.get_loop() is not asyncio.get_running_loop():
+                raise DedupError("this Dedup is still closing on another event loop")
+            await asyncio.shield(closing)
+        self._closed, self._closing, self._starting, self._loop = False, None, None, None
+        self.instance_id = _new_instance_id()
+
+    async def _begin(self) -> None:
         if self._ready:
             self._check_loop()
             return
-        if self._closed:
-            raise DedupError("this Dedup is closed")
         if self._starting is None:
             self._loop = asyncio.get_running_loop()
             # Its own task: a first caller cancelled mid-start cancels neither the start
@@ -207,33 +235,40 @@ class Dedup:
         leave the instance half-closed."""
         if drain_timeout is not None:
             validate({"drain_timeout": drain_timeout})
-        private = self.sync.thread
-        if private is not None and asyncio.get_running_loop() is not private.loop:
+        private, here = self.sync.thread, asyncio.get_running_loop()
+        if private is not None and self._loop is private.loop and here is not private.loop:
             # Bound to the private loop of sync callers: close there, then stop it.
-            if self._loop is private.loop:
+            if private.loop.is_running():
                 done = asyncio.run_coroutine_threadsafe(
                     self.aclose(drain_timeout=drain_timeout), private.loop
                 )
                 await asyncio.wrap_future(done)
+            self._closed = True
             await asyncio.to_thread(self.sync.stop_thread)
             return
+        if self._ready and self._loop is not here:
+            raise DedupError("this Dedup runs on another event loop: close it there")
         if self._closing is None:
             self._closed = True
             self._closing = asyncio.ensure_future(self._shutdown(drain_timeout))
         await asyncio.shield(self._closing)
+        if private is not None and here is not private.loop:
+            await asyncio.to_thread(self.sync.stop_thread)  # left over from a rebinding
 
     def close(self, *, drain_timeout: float | None = None) -> None:
         """The sync twin of ``aclose``, for code that used this ``Dedup`` only through sync
         callers: closes it on its loop and stops the private loop thread. Also runs at
-        interpreter exit when that thread was started."""
+        interpreter exit when that thread was started. In a forked child it only marks
+        the ``Dedup`` closed: what it holds belongs to the parent."""
+        if self.sync.forked:
+            self._closed = True
+            return
         loop = self._loop
-        if loop is not None and loop.is_running() and not self._closing_done():
+        closing_done = self._closing is not None and self._closing.done()
+        if loop is not None and loop.is_running() and not closing_done:
             self.sync.run(self.aclose(drain_timeout=drain_timeout))
         self._closed = True
         self.sync.stop_thread()
-
-    def _closing_done(self) -> bool:
-        return self._closing is not None and self._closing.done()
 
     async def _shutdown(self, drain_timeout: float | None) -> None:
         starting = self._starting
@@ -264,7 +299,9 @@ class Dedup:
 
     async def _ensure(self) -> None:
         if not self._ready:
-            await self.start()
+            if self._closed:
+                raise DedupError("this Dedup is closed")
+            await self._begin()
         elif self._loop is not asyncio.get_running_loop():
             self._check_loop()
 
@@ -345,7 +382,7 @@ class Dedup:
         result, error = await self.run_flight(
             "function",
             key,
-            self.function_attempt(fn, exception_types(retry_on)),
+            self.make_function_attempt(fn, exception_types(retry_on)),
             priority=priority,
             ttl=ttl,
             timeout=timeout,
@@ -364,11 +401,11 @@ class Dedup:
         **options: Any,
     ) -> Result:
         """Like ``call``, but returns the ``Result`` instead of raising ``CallFailed``."""
-        make_attempt = self.function_attempt(fn, exception_types(retry_on))
+        make_attempt = self.make_function_attempt(fn, exception_types(retry_on))
         result, _ = await self.run_flight("function", key, make_attempt, **options)
         return result
 
-    def function_attempt(
+    def make_function_attempt(
         self, fn: Fn, retry_on: tuple[type[BaseException], ...], name: str | None = None
     ) -> Callable[[str], Attempt]:
         """The attempt factory of a function flight: run ``fn`` (bounded by
@@ -395,9 +432,7 @@ class Dedup:
         flight; joiners build nothing. Returns the ``Result`` (its ``outcome`` set for this
         caller) and, for the caller whose process executed it, the original exception.
         """
-        validate_priority(priority)
-        validate({"result_ttl": ttl} if ttl is not None else {})
-        validate({"timeout": timeout} if timeout is not None else {})
+        validate_call(priority, ttl, timeout)
         text = codec.readable_key(key)
         await self._ensure()
         slot = (kind, codec.key_digest(kind, key))
@@ -417,7 +452,7 @@ class Dedup:
         try:
             result = await within(asyncio.shield(lf.future), timeout)
         except TimeoutError:
-            self._counters["timeouts"] += 1
+            self.count("timeouts")
             raise WaitTimeout(
                 f"no result for {text!r} within {timeout} s", request_id=lf.request_id
             ) from None
@@ -760,10 +795,11 @@ class Dedup:
         self._apply_shared(values)
 
     def count(self, event: str) -> None:
-        """Count one ``event`` of an entry point in ``stats()`` (``bypassed``: sent
-        straight to the upstream because Redis was unavailable; ``passed_through``: a
-        request the transport does not deduplicate)."""
-        self._counters[event] += 1
+        """Count one ``event`` in ``stats()``, from any thread (``bypassed``: sent straight
+        to the upstream because Redis was unavailable; ``passed_through``: a request the
+        transport does not deduplicate; ``timeouts``: a caller's wait ran out)."""
+        with self._count_lock:
+            self._counters[event] += 1
 
     def stats(self) -> dict[str, int]:
         """This instance's counters: calls ``executed``, ``joined``, ``cached`` and

@@ -10,8 +10,7 @@ from typing import Any, Protocol, TypeVar
 
 import wrapt
 
-from dedupcall.codec import key_digest, readable_key
-from dedupcall.config import validate, validate_priority
+from dedupcall.config import validate_call
 from dedupcall.core import Dedup, RetryOn, exception_types
 from dedupcall.entry import RedisErrorPolicy, default_dedup
 from dedupcall.errors import ConfigError, PathTemplateError, RedisUnavailable, SerializationError
@@ -41,6 +40,14 @@ class PathKey:
         self.signature = inspect.signature(func)
         params = self.signature.parameters.values()
         self._var_kw = next((p.name for p in params if p.kind is p.VAR_KEYWORD), None)
+        # The fast path (no Signature.bind per call) for functions without *args,
+        # **kwargs or positional-only parameters: most of them.
+        simple = all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
+        self._positional = (
+            tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD) if simple else None
+        )
+        self._names = frozenset(self.signature.parameters)
+        self._defaults = {p.name: p.default for p in params if p.default is not p.empty}
         self._template: str | None = None
         self._callable: Callable[..., str | bytes] | None = None
         if isinstance(path, str):
@@ -91,6 +98,14 @@ class PathKey:
         # wrapt passes a method's self (or a classmethod's cls) as ``instance``; the
         # signature is the undecorated function's, which names it.
         full = args if instance is None else (instance, *args)
+        positional = self._positional
+        if positional is not None and len(full) <= len(positional):
+            given = dict(zip(positional, full, strict=False))  # the first len(full) names
+            if not kwargs or all(k in self._names and k not in given for k in kwargs):
+                values = {**self._defaults, **given, **kwargs}
+                if len(values) == len(self._names):
+                    return values
+            # else: missing or duplicate arguments; bind() raises the usual TypeError
         bound = self.signature.bind(*full, **kwargs)
         bound.apply_defaults()
         values = dict(bound.arguments)
@@ -98,7 +113,9 @@ class PathKey:
             values.update(values.pop(self._var_kw, {}))
         return values
 
-    def __call__(self, instance: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    def __call__(
+        self, instance: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> str | bytes:
         values = self.arguments(instance, args, kwargs)
         if self._template is not None:
             try:
@@ -115,13 +132,11 @@ class PathKey:
             raise PathTemplateError(
                 f"path callable of {self.name} raised {type(exc).__name__}: {exc}"
             ) from exc
-        if isinstance(key, bytes):
-            return readable_key(key)
-        if not isinstance(key, str):
+        if not isinstance(key, (str, bytes)):
             raise PathTemplateError(
-                f"path callable of {self.name} must return str, got {type(key).__name__}"
+                f"path callable of {self.name} must return str or bytes, got {type(key).__name__}"
             )
-        return key
+        return key  # bytes stay bytes: the core hashes them exactly
 
 
 def _fields(template: str, name: str) -> list[str]:
@@ -156,11 +171,15 @@ class _Call:
         self.key = PathKey(path, func, self.name)
         self.dedup = dedup
         self.flight = flight
+        # A sync caller's timeout is kept by the bridge: a thread that runs the function
+        # waits for its own value, whatever the timeout.
+        self.timeout = flight["timeout"]
+        self.sync_flight = {**flight, "timeout": None}
         self.retry_on = retry_on
         self.codec = result_codec
         self.policy = policy
 
-    def encode(self, value: Any, key: str) -> Any:
+    def encode(self, value: Any, key: str | bytes) -> Any:
         if self.codec is None:
             return value
         try:
@@ -213,9 +232,7 @@ def queued_api(
     ``on_redis_error="bypass"`` calls the function directly while Redis is unreachable.
     Raises ``PathTemplateError`` here when ``path`` does not fit the function.
     """
-    validate_priority(priority)
-    validate({"result_ttl": ttl} if ttl is not None else {})
-    validate({"timeout": timeout} if timeout is not None else {})
+    validate_call(priority, ttl, timeout)
     retry = exception_types(retry_on)
     policy = RedisErrorPolicy(on_redis_error)
     if dedup is not None and not isinstance(dedup, Dedup):
@@ -260,7 +277,7 @@ def _async_wrapper(call: _Call) -> Any:
         async def run() -> Any:
             return call.encode(await wrapped(*args, **kwargs), key)
 
-        attempt = dedup.function_attempt(run, call.retry_on, call.name)
+        attempt = dedup.make_function_attempt(run, call.retry_on, call.name)
         try:
             result, error = await dedup.run_flight("function", key, attempt, **call.flight)
         except RedisUnavailable as exc:
@@ -285,12 +302,11 @@ def _sync_wrapper(call: _Call) -> Any:
             return call.encode(wrapped(*args, **kwargs), key)
 
         def start(run_in_caller: Callable[[], Any]) -> Any:
-            attempt = dedup.function_attempt(run_in_caller, call.retry_on, call.name)
-            return dedup.run_flight("function", key, attempt, **call.flight)
+            attempt = dedup.make_function_attempt(run_in_caller, call.retry_on, call.name)
+            return dedup.run_flight("function", key, attempt, **call.sync_flight)
 
-        slot = ("function", key_digest("function", key))
         try:
-            result, error = dedup.sync.call(slot, run, start)
+            result, error = dedup.sync.call("function", key, run, start, call.timeout)
         except RedisUnavailable as exc:
             call.policy.failed(dedup, exc, key)
             return wrapped(*args, **kwargs)

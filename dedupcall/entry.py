@@ -55,6 +55,11 @@ def default_dedup() -> Dedup:
         return _default
 
 
+def current_default() -> Dedup | None:
+    """The process-wide ``Dedup`` if one exists already (none is built)."""
+    return _default
+
+
 def reset_default() -> None:
     """Forget the default ``Dedup`` (it is not closed); for tests."""
     global _default
@@ -79,7 +84,7 @@ class RedisErrorPolicy:
             return True
         return False
 
-    def failed(self, dedup: Dedup, exc: RedisUnavailable, what: str) -> None:
+    def failed(self, dedup: Dedup, exc: RedisUnavailable, what: str | bytes) -> None:
         """Redis failed ``what``: re-raise when failing closed, else note the bypass."""
         if self.mode == "raise":
             raise exc

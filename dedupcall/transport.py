@@ -10,7 +10,6 @@ the outcome comes back in ``response.extensions["dedupcall"]``.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
@@ -21,9 +20,9 @@ import httpx
 from dedupcall import codec, httpexec
 from dedupcall.aio import within
 from dedupcall.bodies import Captured, TooLarge, read_async, read_sync
-from dedupcall.config import validate, validate_priority
+from dedupcall.config import validate_call
 from dedupcall.core import Dedup
-from dedupcall.entry import RedisErrorPolicy, default_dedup
+from dedupcall.entry import RedisErrorPolicy, current_default, default_dedup
 from dedupcall.errors import (
     ConfigError,
     RedisUnavailable,
@@ -34,18 +33,29 @@ from dedupcall.models import Grant, Result
 from dedupcall.worker import Attempt, Outcome
 
 DEFAULT_METHODS = ("GET", "HEAD")
+#: Methods that may be sent again after a failure that could have reached the server.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 MAX_BODY_BYTES = 10 * 1024 * 1024
+#: Requests that ask for part of a resource or a revalidation pass through, as they do
+#: through an HTTP cache: their answer (206, 304) is not the resource others asked for.
+CONDITIONAL_HEADERS = frozenset(
+    {"range", "if-range", "if-none-match", "if-modified-since", "if-match", "if-unmodified-since"}
+)
 #: Request headers whose values make two requests different (credentials never appear in
 #: the key: only a digest of them does) or change the response's encoding or language.
-VARY_HEADERS = (
-    "authorization",
-    "proxy-authorization",
-    "cookie",
-    "x-api-key",
-    "accept",
-    "accept-encoding",
-    "accept-language",
+VARY_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "x-api-key",
+        "accept",
+        "accept-encoding",
+        "accept-language",
+        *CONDITIONAL_HEADERS,
+    }
 )
+DEFAULT_CACHE_STATUSES = frozenset(range(200, 300)) - {206}
 REQUEST_OPTIONS = frozenset({"enabled", "key", "ttl", "priority", "timeout"})
 KeyFunc = Callable[[httpx.Request], "str | None"]
 
@@ -54,39 +64,46 @@ def default_key(request: httpx.Request) -> str:
     """Method, scheme, host, path and sorted query; then a digest of the body, if any,
     and one of the credential and content-negotiation headers (``VARY_HEADERS``)."""
     url = request.url
-    query = urlencode(sorted(url.params.multi_items()))
     text = f"{request.method} {url.scheme}://{url.netloc.decode('ascii')}{url.path}"
-    if query:
-        text += "?" + query
+    if url.query:
+        text += "?" + urlencode(sorted(url.params.multi_items()))
     if request.content:
         text += " body=" + codec.digest(request.content)
-    vary = [f"{name}:{value}" for name in VARY_HEADERS for value in request.headers.get_list(name)]
+    vary = sorted(f"{k}:{v}" for k, v in request.headers.multi_items() if k in VARY_HEADERS)
     if vary:
         text += " vary=" + codec.digest("\n".join(vary).encode("utf-8", "surrogateescape"))
     return text
 
 
 class _Handoff:
-    """Carries a too-large live response from the attempt to the caller that opened the
-    flight; whichever side comes second closes it if the caller is gone."""
+    """Carries a too-large live response from the code that sent the request to the
+    caller it belongs to; whichever side comes second closes it if the other is gone."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._response: httpx.Response | None = None
         self._taken = False
 
-    def offer(self, response: httpx.Response) -> bool:
+    def offer(self, response: httpx.Response) -> httpx.Response | None:
+        """Hold ``response`` for the caller; returns what the sender must close (this
+        one if the caller has gone, or one an earlier attempt offered)."""
         with self._lock:
             if self._taken:
-                return False
-            self._response = response
-            return True
+                return response
+            old, self._response = self._response, response
+            return old
 
-    def take(self) -> httpx.Response | None:
+    def take(
+        self, result: Result | None = None
+    ) -> tuple[httpx.Response | None, httpx.Response | None]:
+        """(the live response this caller returns, the one to close): it keeps it only
+        when its flight ended as ``ResponseTooLarge``."""
         with self._lock:
             self._taken = True
-            response, self._response = self._response, None
-            return response
+            live, self._response = self._response, None
+        if live is not None and result is not None and result.error_type == "ResponseTooLarge":
+            return live, None
+        return None, live
 
 
 class _Options:
@@ -112,7 +129,7 @@ class _Options:
             raise ConfigError(f"methods= must be a collection of method names, got {methods!r}")
         if key is not None and not callable(key):
             raise ConfigError(f"key= must be a callable Request -> str | None, got {key!r}")
-        statuses = range(200, 300) if cache_statuses is None else cache_statuses
+        statuses = DEFAULT_CACHE_STATUSES if cache_statuses is None else cache_statuses
         if isinstance(statuses, (str, bytes)) or not all(
             isinstance(s, int) and not isinstance(s, bool) for s in statuses
         ):
@@ -133,12 +150,7 @@ class _Options:
 
     @staticmethod
     def _flight_options(values: dict[str, Any]) -> dict[str, Any]:
-        if "priority" in values:
-            validate_priority(values["priority"])
-        if values.get("ttl") is not None:
-            validate({"result_ttl": values["ttl"]})
-        if values.get("timeout") is not None:
-            validate({"timeout": values["timeout"]})
+        validate_call(values.get("priority", 0), values.get("ttl"), values.get("timeout"))
         return values
 
     def dedup(self) -> Dedup:
@@ -153,7 +165,11 @@ class _Options:
                 f"{sorted(REQUEST_OPTIONS)}, got {options!r}"
             )
         enabled = options.get("enabled")
-        if enabled is False or (enabled is not True and request.method not in self.methods):
+        if enabled is not True and (
+            enabled is False
+            or request.method not in self.methods
+            or not CONDITIONAL_HEADERS.isdisjoint(request.headers.keys())
+        ):
             self._count_pass_through()
             return None
         return options
@@ -175,16 +191,19 @@ class _Options:
         return {**self.flight, **self._flight_options(given)} if given else self.flight
 
     def _count_pass_through(self) -> None:
-        # No Dedup anywhere: nothing to count in, and none is needed to pass through.
-        with contextlib.suppress(ConfigError):
-            self.dedup().count("passed_through")
+        # Into our Dedup or an existing default: none is built just to count in it.
+        dedup = self._dedup or current_default()
+        if dedup is not None:
+            dedup.count("passed_through")
 
     # --- the attempt ---------------------------------------------------------------
     def attempt(
-        self, dedup: Dedup, send: Callable[[], Awaitable[Captured]], handoff: _Handoff
+        self, dedup: Dedup, send: Callable[[], Awaitable[Captured]], method: str
     ) -> Callable[[str], Attempt]:
         """The attempt factory of a transport flight: ``send()`` the request once
-        (bounded by ``execution_timeout``) and classify what came back."""
+        (bounded by ``execution_timeout``) and classify what came back. A method that is
+        not idempotent is sent again only when it surely never left (a failed connect)."""
+        idempotent = method in IDEMPOTENT
 
         def make(key: str) -> Attempt:
             async def attempt(grant: Grant) -> Outcome:
@@ -200,26 +219,26 @@ class _Options:
                     answer = await within(send(), timeout)
                 except TimeoutError as exc:
                     message = f"no response within execution_timeout={timeout} s"
-                    return _failure(fields, "ExecutionTimeout", message, exc, retryable=True)
+                    return _failure(fields, "ExecutionTimeout", message, exc, idempotent)
                 except TooLarge as exc:
-                    if not handoff.offer(exc.response):
-                        await exc.close()  # the caller that sent it is gone
                     message = (
                         f"{exc}; the caller that sent it received it, others must retry "
                         "without dedup (extensions={'dedupcall': {'enabled': False}})"
                     )
                     return _failure(fields, "ResponseTooLarge", message, exc)
                 except httpx.TransportError as exc:
-                    return _failure(fields, type(exc).__name__, str(exc), exc, retryable=True)
+                    unsent = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
+                    retry = idempotent or unsent
+                    return _failure(fields, type(exc).__name__, str(exc), exc, retry)
                 except Exception as exc:
                     return _failure(fields, type(exc).__name__, str(exc), exc)
-                return self._classify(fields, answer)
+                return self._classify(fields, answer, idempotent)
 
             return attempt
 
         return make
 
-    def _classify(self, fields: dict[str, Any], answer: Captured) -> Outcome:
+    def _classify(self, fields: dict[str, Any], answer: Captured, idempotent: bool) -> Outcome:
         data = codec.encode_response(
             answer.status, answer.headers, answer.body, answer.http_version, answer.reason
         )
@@ -227,7 +246,7 @@ class _Options:
         if status in self.cache_statuses:
             record = codec.result_record(ok=True, data=data, status_code=status, **fields)
             return Outcome(record, ok=True)
-        retryable = status in httpexec.RETRY_STATUSES
+        retryable = idempotent and status in httpexec.RETRY_STATUSES
         record = codec.result_record(
             ok=False,
             data=data,
@@ -240,11 +259,6 @@ class _Options:
         return Outcome(record, ok=False, retryable=retryable, retry_after_ms=wait)
 
     # --- the answer ------------------------------------------------------------------
-    @staticmethod
-    def keeps_live(result: Result) -> bool:
-        """Whether a live (too-large) response goes to this caller."""
-        return result.outcome == "executed" and result.error_type == "ResponseTooLarge"
-
     @staticmethod
     def response(
         request: httpx.Request,
@@ -284,7 +298,6 @@ def _failure(
     error_type: str,
     message: str,
     error: BaseException,
-    *,
     retryable: bool = False,
 ) -> Outcome:
     record = codec.result_record(ok=False, error_type=error_type, message=message[:2000], **fields)
@@ -313,7 +326,8 @@ _OPTIONS_DOC = """
     own). ``methods``: what is deduplicated (default GET and HEAD; others pass straight
     through). ``key``: ``Request -> str | None`` (None: don't deduplicate this one;
     default ``default_key``). ``ttl``, ``priority``, ``timeout``: as for ``Dedup.call``.
-    ``cache_statuses``: statuses whose response answers later callers (default 2xx).
+    ``cache_statuses``: statuses whose response answers later callers (default 2xx but
+    206). Requests with ``Range`` or conditional (``If-*``) headers pass through.
     ``max_body_bytes``: larger responses go only to the caller that sent the request;
     the others get ``ResponseTooLarge``. ``on_redis_error``: ``"raise"`` or ``"bypass"``.
     A request may override ``enabled``, ``key``, ``ttl``, ``priority`` and ``timeout`` in
@@ -368,27 +382,30 @@ class DedupTransport(httpx.BaseTransport):
             return self._inner.handle_request(request)
         handoff = _Handoff()
 
-        def send() -> Captured:
-            return read_sync(request, self._inner.handle_request(request), o.max_body_bytes)
+        def send() -> Captured:  # in the calling thread that runs the flight
+            try:
+                return read_sync(request, self._inner.handle_request(request), o.max_body_bytes)
+            except TooLarge as exc:
+                _close_sync(handoff.offer(exc.response))
+                raise
 
         def start(run_in_caller: Callable[[], Awaitable[Captured]]) -> Any:
-            attempt = o.attempt(dedup, run_in_caller, handoff)
-            return dedup.run_flight("transport", key, attempt, **o.flight_for(options))
+            attempt = o.attempt(dedup, run_in_caller, request.method)
+            # The bridge keeps this caller's timeout (see SyncBridge.call).
+            return dedup.run_flight("transport", key, attempt, **{**flight, "timeout": None})
 
-        slot = ("transport", codec.key_digest("transport", key))
+        flight = o.flight_for(options)
         try:
-            result, error = dedup.sync.call(slot, send, start)
+            result, error = dedup.sync.call("transport", key, send, start, flight["timeout"])
         except RedisUnavailable as exc:
-            _close_sync(handoff.take())
+            _close_sync(handoff.take()[1])
             o.policy.failed(dedup, exc, key)
             return self._inner.handle_request(request)
         except BaseException:
-            _close_sync(handoff.take())
+            _close_sync(handoff.take()[1])
             raise
-        live = handoff.take()
-        if live is not None and not o.keeps_live(result):
-            _close_sync(live)
-            live = None
+        live, discard = handoff.take(result)
+        _close_sync(discard)
         return o.response(request, result, error, live)
 
     def close(self) -> None:
@@ -444,25 +461,27 @@ class AsyncDedupTransport(httpx.AsyncBaseTransport):
         handoff = _Handoff()
 
         async def send() -> Captured:
-            response = await self._inner.handle_async_request(request)
-            return await read_async(request, response, o.max_body_bytes)
+            try:
+                response = await self._inner.handle_async_request(request)
+                return await read_async(request, response, o.max_body_bytes)
+            except TooLarge as exc:
+                await _close_async(handoff.offer(exc.response))
+                raise
 
-        attempt = o.attempt(dedup, send, handoff)
+        attempt = o.attempt(dedup, send, request.method)
         try:
             result, error = await dedup.run_flight(
                 "transport", key, attempt, **o.flight_for(options)
             )
         except RedisUnavailable as exc:
-            await _close_async(handoff.take())
+            await _close_async(handoff.take()[1])
             o.policy.failed(dedup, exc, key)
             return await self._inner.handle_async_request(request)
         except BaseException:
-            await _close_async(handoff.take())
+            await _close_async(handoff.take()[1])
             raise
-        live = handoff.take()
-        if live is not None and not o.keeps_live(result):
-            await _close_async(live)
-            live = None
+        live, discard = handoff.take(result)
+        await _close_async(discard)
         return o.response(request, result, error, live)
 
     async def aclose(self) -> None:

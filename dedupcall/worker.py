@@ -267,6 +267,9 @@ class Worker:
         self.on_grants(reply[-1])
         if verdict == "retrying":
             self.stats["retries"] += 1
+            # The sweep promotes due retries; wake it when this one is due rather than
+            # at the next heartbeat (a 10 ms backoff must not take a second).
+            asyncio.get_running_loop().call_later(int(reply[1]) / 1000 + 0.001, self.wake_sweep)
             return Finished()
         result = Result.from_record(codec.decode_record(outcome.record))
         if not result.success:

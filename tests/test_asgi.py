@@ -119,3 +119,57 @@ def test_status_app_answers_503_while_redis_is_down(make_redis_server: Callable[
         server.stop()
         down = client.get("/dedupcall/json")
         assert down.status_code == 503 and down.json()["error"] == "RedisUnavailable"
+
+
+def test_the_lifespan_can_run_again(make_sync_dedup: Callable[..., Dedup]) -> None:
+    dedup = make_sync_dedup()
+
+    async def whoami(request: Request) -> JSONResponse:
+        return JSONResponse({"id": request.state.dedup.instance_id})
+
+    app = Starlette(routes=[Route("/", whoami)], lifespan=dedupcall.lifespan(dedup))
+    ids = []
+    for _ in range(2):  # e.g. a TestClient per test
+        with TestClient(app) as client:
+            ids.append(client.get("/").json()["id"])
+    assert ids[0] != ids[1]  # each run is a new instance of the same Dedup
+
+
+def test_a_dedup_first_used_by_sync_code_moves_to_the_app_loop(
+    make_sync_dedup: Callable[..., Dedup],
+) -> None:
+    dedup = make_sync_dedup()
+
+    @queued_api(path="/at-import", dedup=dedup)
+    def at_import() -> int:
+        return 7
+
+    assert at_import() == 7  # on the private loop thread of sync callers
+    app = Starlette(lifespan=dedupcall.lifespan(dedup))
+    with TestClient(app):
+        assert dedup.sync.thread is None  # closed there, started on the app's loop
+        assert dedup._ready
+
+
+async def test_aclose_after_rebinding_really_closes(
+    make_redis_server: Callable[..., Any],
+) -> None:
+    import asyncio
+
+    server = make_redis_server()
+    dedup = Dedup(server.url, namespace="rebind", socket_timeout=0.5, heartbeat_interval=0.2)
+
+    @queued_api(path="/first", dedup=dedup)
+    def first() -> int:
+        return 1
+
+    server.kill()
+    with pytest.raises(RedisUnavailable):
+        await asyncio.to_thread(first)  # a failed first use on the private loop thread
+    server.restart()  # the same port
+    assert await dedup.call("/second", lambda: asyncio.sleep(0, 2)) == 2  # bound here now
+    await dedup.aclose()
+    assert not dedup._ready and dedup.sync.thread is None
+    watch = Dedup(server.url, namespace="rebind")
+    assert [i.id for i in (await watch.get_queue_status()).instances] == [watch.instance_id]
+    await watch.aclose()

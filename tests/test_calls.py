@@ -417,3 +417,22 @@ async def test_a_renewal_reply_about_an_adopted_grant_does_not_drop_the_new_leas
     assert await call == "done"
     assert dedup.stats()["lease_lost"] == 0  # completed under the adopted grant
     assert dedup.stats()["executions"] == 1
+
+
+async def test_a_retry_does_not_wait_for_the_next_heartbeat(
+    make_dedup: Callable[..., Dedup],
+) -> None:
+    dedup = make_dedup(heartbeat_interval=30.0, retry_delay=0.01)  # no sweep to promote it
+    attempts = 0
+
+    async def flaky() -> int:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise ConnectionError("reset")
+        return attempts
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await dedup.call("/retry-soon", flaky, retry_on=ConnectionError) == 2
+    assert loop.time() - started < 5.0  # due after ~10 ms; a heartbeat would be 30 s

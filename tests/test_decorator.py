@@ -508,3 +508,138 @@ async def test_cancelled_callers_leave_without_harming_the_others(dedup: Dedup) 
         await asyncio.sleep(0.02)
     assert await slow(2) == 2
     assert runs == 2  # /slow/2 ran once: the last call was a cache hit
+
+
+def test_forked_child_gets_an_error_instead_of_a_hang(
+    spawn: Any, redis_url: str, namespace: str, tmp_path: Any
+) -> None:
+    report = tmp_path / "forked.json"
+    out = spawn("forked.py", redis_url, namespace, env={"FORKED_REPORT": str(report)}).json(30)
+    assert out["before"] == 2
+    assert "forked" in out["child"]["error"] and out["child"]["seconds"] < 1.0
+    assert out["child_status"] == 0  # its exit did not hang in the close-at-exit hook
+
+
+def test_a_sync_function_past_its_execution_timeout_is_not_overlapped_by_its_retry(
+    make_sync_dedup: Callable[..., Dedup],
+) -> None:
+    dedup = make_sync_dedup(execution_timeout=0.2, retry_delay=0.01)
+    lock = threading.Lock()
+    active = peak = runs = 0
+
+    @queued_api(path="/overrun", dedup=dedup, retry_on=TimeoutError)
+    def overrun() -> int:
+        nonlocal active, peak, runs
+        with lock:
+            active, runs = active + 1, runs + 1
+            peak = max(peak, active)
+            first = runs == 1
+        time.sleep(0.5 if first else 0.0)  # a thread cannot be stopped: it runs on
+        with lock:
+            active -= 1
+        return runs
+
+    assert overrun() == 2  # the first attempt timed out; the retry ran after it returned
+    assert (runs, peak) == (2, 1)
+
+
+def test_sync_timeout_bounds_waiters_but_not_the_thread_running_the_function(
+    make_sync_dedup: Callable[..., Dedup],
+) -> None:
+    dedup = make_sync_dedup()
+
+    @queued_api(path="/long", dedup=dedup, timeout=0.2)
+    def long() -> str:
+        time.sleep(0.5)
+        return "done"
+
+    outcomes: list[Any] = []
+
+    def joiner() -> None:
+        started = time.monotonic()
+        try:
+            outcomes.append(long())
+        except WaitTimeout:
+            outcomes.append(("timeout", round(time.monotonic() - started, 1)))
+
+    runner = threading.Thread(target=lambda: outcomes.append(long()))
+    runner.start()
+    _wait_state(dedup, "/long", "running")
+    waiter = threading.Thread(target=joiner)
+    waiter.start()
+    runner.join()
+    waiter.join()
+    assert sorted(map(str, outcomes)) == ["('timeout', 0.2)", "done"]
+    assert dedup.stats()["timeouts"] == 1
+
+
+def test_a_sync_caller_leaving_by_exception_drops_its_queued_flight(
+    make_sync_dedup: Callable[..., Dedup],
+) -> None:
+    import signal
+
+    dedup = make_sync_dedup(max_concurrent=1)
+    gate = threading.Event()
+    runs = 0
+
+    @queued_api(path="/held", dedup=dedup)
+    def held() -> int:
+        gate.wait(10)
+        return 0
+
+    @queued_api(path="/interrupted", dedup=dedup)
+    def interrupted() -> int:
+        nonlocal runs
+        runs += 1
+        return 1
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupt(*_: object) -> None:
+        raise Interrupt
+
+    holder = threading.Thread(target=held)
+    holder.start()
+    _wait_state(dedup, "/held", "running")
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(Interrupt):
+            interrupted()  # queued behind /held, then interrupted (as by Ctrl-C)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    for _ in range(100):
+        if dedup.sync.run(dedup.get_flight_by_key("/interrupted")) is None:
+            break
+        time.sleep(0.01)
+    assert dedup.sync.run(dedup.get_flight_by_key("/interrupted")) is None  # dropped
+    gate.set()
+    holder.join()
+    assert runs == 0
+
+
+async def test_bytes_keys_are_kept_exact(dedup: Dedup) -> None:
+    @queued_api(path=lambda raw: raw, dedup=dedup)
+    async def echo(raw: bytes) -> str:
+        return raw.hex()
+
+    assert await echo(b"\xff") == "ff"
+    assert await echo(b"\\xff") == b"\\xff".hex()  # not taken for b"\xff"
+
+
+async def test_fast_and_slow_argument_binding_agree(dedup: Dedup) -> None:
+    @queued_api(path="/bind/{a}/{b}/{c}", dedup=dedup)
+    async def simple(a: int, b: int = 2, *, c: int = 3) -> list[int]:
+        return [a, b, c]
+
+    @queued_api(path="/bind/{a}/{b}/{c}", dedup=dedup)
+    async def general(a: int, /, b: int = 2, *rest: int, c: int = 3) -> list[int]:
+        return [a, b, c]
+
+    assert await simple(1) == await general(1) == [1, 2, 3]
+    assert await simple(1, c=4) == await general(1, c=4) == [1, 2, 4]
+    for bad_args, bad_kwargs in [((1, 2, 3), {}), ((), {}), ((1,), {"a": 1}), ((1,), {"d": 1})]:
+        with pytest.raises(TypeError):
+            await simple(*bad_args, **bad_kwargs)

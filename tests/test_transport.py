@@ -327,3 +327,52 @@ async def test_a_cancelled_request_leaves_the_others_their_response(
         responses = await asyncio.gather(*rest[1:])
     assert [r.status_code for r in responses] == [200, 200]
     assert upstream.hits("/value/c") == 1
+
+
+async def test_range_and_conditional_requests_pass_through(
+    dedup: Dedup, upstream: Upstream
+) -> None:
+    async with httpx.AsyncClient(transport=AsyncDedupTransport(dedup)) as client:
+        url = f"{upstream.url}/value/r"
+        full = await client.get(url)
+        ranged = await client.get(url, headers={"Range": "bytes=0-3"})
+        revalidated = await client.get(url, headers={"If-None-Match": '"v1"'})
+        again = await client.get(url)
+    assert "dedupcall" not in ranged.extensions and "dedupcall" not in revalidated.extensions
+    assert again.extensions["dedupcall"]["outcome"] == "cached"
+    assert again.json()["exec_id"] == full.json()["exec_id"]
+    assert upstream.hits("/value/r") == 3
+    assert 206 not in AsyncDedupTransport(dedup)._options.cache_statuses
+
+
+def test_sync_transport_retry_never_overlaps_a_slow_send(
+    make_sync_dedup: Callable[..., Dedup], upstream: Upstream
+) -> None:
+    dedup = make_sync_dedup(execution_timeout=0.2, retry_delay=0.01, max_retries=1)
+    with (
+        httpx.Client(transport=DedupTransport(dedup)) as client,
+        pytest.raises(TransportCallFailed, match="ExecutionTimeout"),
+    ):
+        client.get(f"{upstream.url}/value/slow?delay=0.5")
+    assert upstream.hits("/value/slow") == 2  # the first attempt, then its retry
+    assert upstream.peak("/value/slow") == 1  # never both at once
+
+
+async def test_non_idempotent_methods_are_not_resent_blindly(
+    dedup: Dedup, upstream: Upstream
+) -> None:
+    upstream.script("/value/order", [503, 200])
+    transport = AsyncDedupTransport(dedup, methods=["POST"])
+    async with httpx.AsyncClient(transport=transport) as client:
+        response = await client.post(f"{upstream.url}/value/order", json={"n": 1})
+    assert response.status_code == 503  # a POST may have been processed: not retried
+    assert upstream.hits("/value/order") == 1
+
+
+def test_pass_through_needs_no_dedup(upstream: Upstream) -> None:
+    from dedupcall.entry import current_default, reset_default
+
+    reset_default()
+    with httpx.Client(transport=DedupTransport()) as client:
+        assert client.post(f"{upstream.url}/echo", content=b"x").status_code == 200
+    assert current_default() is None  # none was built from the environment to count it
