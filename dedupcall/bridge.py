@@ -219,7 +219,14 @@ class SyncBridge:
             if target is None:
                 # Every caller thread left after the grant: the flight still runs to its
                 # end (its result is stored for everyone), in a worker thread.
-                return await asyncio.to_thread(opener.run)
+                work = asyncio.ensure_future(asyncio.to_thread(opener.run))
+                try:
+                    return await asyncio.shield(work)
+                except asyncio.CancelledError:
+                    await asyncio.wait({work})  # held until it returns, as below
+                    if work.done() and not work.cancelled():
+                        work.exception()  # retrieved: the attempt is over either way
+                    raise
             try:
                 # Shielded: a cancellation must not cancel job.future itself, which the
                 # thread still settles and which is awaited again below.

@@ -104,7 +104,7 @@ class Dedup:
         self.namespace = namespace
         self.config = Config().with_values(**config)
         self.instance_id = _new_instance_id()
-        self._counters: Counter[str] = Counter()
+        self._counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
         self._count_lock = threading.Lock()  # entry points count from caller threads
         self._local: dict[tuple[str, str], LocalFlight] = {}
         self._by_id: dict[str, LocalFlight] = {}
@@ -264,6 +264,9 @@ class Dedup:
             self._closed = True
             return
         loop = self._loop
+        with contextlib.suppress(RuntimeError):  # RuntimeError: no loop runs here
+            if loop is not None and asyncio.get_running_loop() is loop:
+                raise DedupError("close() would block the loop this Dedup runs on: await aclose()")
         closing_done = self._closing is not None and self._closing.done()
         if loop is not None and loop.is_running() and not closing_done:
             self.sync.run(self.aclose(drain_timeout=drain_timeout))
@@ -461,9 +464,9 @@ class Dedup:
             if lf.waiters == 0 and not lf.future.done():
                 lf.abandon()
         outcome = lf.outcome if first else ("cached" if lf.outcome == "cached" else "joined")
-        self._counters[outcome] += 1
+        self.count(outcome)
         if not result.success:
-            self._counters["failed"] += 1
+            self.count("failed")
         result = dataclasses.replace(result, outcome=outcome)
         return result, (lf.local_error if outcome == "executed" else None)
 
@@ -690,9 +693,9 @@ class Dedup:
                 api_path=text,
             )
         if verdict == "cached":
-            self._counters["cached"] += 1
+            self.count("cached")
         else:  # a grant of an existing flight (ours, running) is a join too
-            self._counters["queued" if rid == proposed else "joined"] += 1
+            self.count("queued" if rid == proposed else "joined")
         if verdict == "granted":
             self.worker.on_grant(Grant.from_reply([rid, *reply[2:5], "request", lf.digest]))
         return rid
@@ -806,8 +809,8 @@ class Dedup:
         ``failed``; ``queued`` requests; ``executions``, ``retries``, ``failures`` and
         ``lease_lost`` of its worker; ``timeouts`` of its waiters; ``reconnects`` of its
         subscriber connection; ``bypassed`` and ``passed_through`` of the entry points."""
-        out = dict.fromkeys(COUNTERS, 0)
-        out.update(self._counters)
+        with self._count_lock:
+            out = dict(self._counters)
         worker = getattr(self, "worker", None)
         if worker is not None:
             out.update(worker.stats)

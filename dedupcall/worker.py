@@ -49,6 +49,7 @@ class Outcome:
 
 
 Attempt = Callable[[Grant], Awaitable[Outcome]]
+WORKER_COUNTERS = ("executions", "retries", "failures", "lease_lost")
 
 
 @dataclass
@@ -78,7 +79,8 @@ class Worker:
     """Background tasks of one ``Dedup``: sweep, lease renewal, attempts, queued requests."""
 
     dedup: Dedup
-    stats: Counter[str] = field(default_factory=Counter)
+    # Seeded: stats() may copy it from another thread, so it never grows.
+    stats: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(WORKER_COUNTERS, 0)))
 
     def __post_init__(self) -> None:
         self.store = self.dedup.store
