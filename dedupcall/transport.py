@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlencode
 
 import httpx
@@ -335,19 +335,18 @@ _OPTIONS_DOC = """
 """
 
 
-class DedupTransport(httpx.BaseTransport):
-    """A sync httpx transport: ``httpx.Client(transport=DedupTransport(dedup))``.
+Inner = TypeVar("Inner", httpx.BaseTransport, httpx.AsyncBaseTransport)
 
-    The request is sent once per key across every instance, from the calling thread
-    that won the flight; the others block only their own thread.
-    """
 
-    __doc__ = (__doc__ or "") + _OPTIONS_DOC
+class _Twin(Generic[Inner]):
+    """What the twins share: their options and the inner transport they own."""
+
+    _default_inner: Callable[[], Inner]
 
     def __init__(
         self,
         dedup: Dedup | None = None,
-        transport: httpx.BaseTransport | None = None,
+        transport: Inner | None = None,
         *,
         methods: Collection[str] = DEFAULT_METHODS,
         key: KeyFunc | None = None,
@@ -369,7 +368,18 @@ class DedupTransport(httpx.BaseTransport):
             max_body_bytes=max_body_bytes,
             on_redis_error=on_redis_error,
         )
-        self._inner = transport if transport is not None else httpx.HTTPTransport()
+        self._inner: Inner = transport if transport is not None else type(self)._default_inner()
+
+
+class DedupTransport(_Twin[httpx.BaseTransport], httpx.BaseTransport):
+    """A sync httpx transport: ``httpx.Client(transport=DedupTransport(dedup))``.
+
+    The request is sent once per key across every instance, from the calling thread
+    that won the flight; the others block only their own thread.
+    """
+
+    __doc__ = (__doc__ or "") + _OPTIONS_DOC
+    _default_inner = httpx.HTTPTransport
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         o = self._options
@@ -414,40 +424,14 @@ class DedupTransport(httpx.BaseTransport):
         self._inner.close()
 
 
-class AsyncDedupTransport(httpx.AsyncBaseTransport):
+class AsyncDedupTransport(_Twin[httpx.AsyncBaseTransport], httpx.AsyncBaseTransport):
     """An async httpx transport: ``httpx.AsyncClient(transport=AsyncDedupTransport(dedup))``.
 
     The request is sent once per key across every instance; the others await the result.
     """
 
     __doc__ = (__doc__ or "") + _OPTIONS_DOC
-
-    def __init__(
-        self,
-        dedup: Dedup | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-        *,
-        methods: Collection[str] = DEFAULT_METHODS,
-        key: KeyFunc | None = None,
-        ttl: float | None = None,
-        priority: int = 0,
-        cache_statuses: Collection[int] | None = None,
-        timeout: float | None = None,
-        max_body_bytes: int = MAX_BODY_BYTES,
-        on_redis_error: str = "raise",
-    ) -> None:
-        self._options = _Options(
-            dedup,
-            methods=methods,
-            key=key,
-            ttl=ttl,
-            priority=priority,
-            cache_statuses=cache_statuses,
-            timeout=timeout,
-            max_body_bytes=max_body_bytes,
-            on_redis_error=on_redis_error,
-        )
-        self._inner = transport if transport is not None else httpx.AsyncHTTPTransport()
+    _default_inner = httpx.AsyncHTTPTransport
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         o = self._options

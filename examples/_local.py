@@ -132,6 +132,17 @@ def namespace(url: str, prefix: str) -> Iterator[str]:
             print(f"cleanup: deleted the {removed} Redis keys of namespace {name}")
 
 
+@contextlib.contextmanager
+def setup(opts: argparse.Namespace, prefix: str) -> Iterator[tuple[Upstream, str, str]]:
+    """What one example run needs: the upstream, a Redis URL and a throwaway namespace."""
+    with (
+        Upstream(opts.delay) as upstream,
+        redis_url(opts.url) as url,
+        namespace(url, prefix) as name,
+    ):
+        yield upstream, url, name
+
+
 async def in_threads(func: Callable[[Any], Any], args: list[Any]) -> list[Any]:
     """``func(arg)`` for every arg, each in a thread of its own, all at once."""
     loop = asyncio.get_running_loop()

@@ -72,11 +72,7 @@ def show(
 
 def main(argv: list[str] | None = None) -> int:
     opts = _local.parser(__doc__, calls=60, keys=3).parse_args(argv)
-    with (
-        _local.Upstream(opts.delay) as upstream,
-        _local.redis_url(opts.url) as url,
-        _local.namespace(url, "decorator") as namespace,
-    ):
+    with _local.setup(opts, "decorator") as (upstream, url, namespace):
         asyncio.run(run(url, namespace, upstream, opts.calls, opts.keys))
     return _local.verdict(upstream.total(), 2 * opts.keys, 2 * opts.calls)
 

@@ -105,11 +105,7 @@ async def fire(bases: list[str], calls: int, keys: int) -> tuple[list[Any], dict
 
 def main(argv: list[str] | None = None) -> int:
     opts = _local.parser(__doc__, calls=60, keys=3).parse_args(argv)
-    with (
-        _local.Upstream(opts.delay) as upstream,
-        _local.redis_url(opts.url) as url,
-        _local.namespace(url, "fastapi") as namespace,
-    ):
+    with _local.setup(opts, "fastapi") as (upstream, url, namespace):
         env = {**os.environ, "REDIS_URL": url, "DEDUPCALL_NAMESPACE": namespace}
         env["UPSTREAM"] = upstream.url
         procs: list[subprocess.Popen[bytes]] = []

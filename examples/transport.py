@@ -61,11 +61,7 @@ def show(title: str, responses: list[httpx.Response]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     opts = _local.parser(__doc__, calls=60, keys=3).parse_args(argv)
-    with (
-        _local.Upstream(opts.delay) as upstream,
-        _local.redis_url(opts.url) as url,
-        _local.namespace(url, "transport") as namespace,
-    ):
+    with _local.setup(opts, "transport") as (upstream, url, namespace):
         posted = asyncio.run(run(url, namespace, upstream, opts.calls, opts.keys))
     extra = f"; {posted} upstream calls for {POSTS} POSTs (passed through)"
     return _local.verdict(
