@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from dedupcall.config import validate
 from dedupcall.core import Dedup
-from dedupcall.entry import default_dedup
+from dedupcall.entry import checked, default_dedup
 from dedupcall.errors import ConfigError, RedisUnavailable
 
 Lifespan = Callable[[Any], contextlib.AbstractAsyncContextManager[Any]]
@@ -46,8 +46,7 @@ def lifespan(
         validate({"drain_timeout": drain_timeout})
     if inner is not None and not callable(inner):
         raise ConfigError(f"inner= must be a lifespan callable, got {inner!r}")
-    if dedup is not None and not isinstance(dedup, Dedup):
-        raise ConfigError(f"dedup must be a Dedup, got {type(dedup).__name__}")
+    checked(dedup)
     wrapped = contextlib.asynccontextmanager(inner) if inspect.isasyncgenfunction(inner) else inner
 
     @contextlib.asynccontextmanager

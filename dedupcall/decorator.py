@@ -12,7 +12,7 @@ import wrapt
 
 from dedupcall.config import validate_call
 from dedupcall.core import Dedup, RetryOn, exception_types
-from dedupcall.entry import RedisErrorPolicy, default_dedup
+from dedupcall.entry import RedisErrorPolicy, checked, default_dedup
 from dedupcall.errors import ConfigError, PathTemplateError, RedisUnavailable, SerializationError
 from dedupcall.models import Result
 
@@ -235,8 +235,7 @@ def queued_api(
     validate_call(priority, ttl, timeout)
     retry = exception_types(retry_on)
     policy = RedisErrorPolicy(on_redis_error)
-    if dedup is not None and not isinstance(dedup, Dedup):
-        raise ConfigError(f"dedup= must be a Dedup, got {type(dedup).__name__}")
+    checked(dedup)
     if codec is not None and not (
         callable(getattr(codec, "encode", None)) and callable(getattr(codec, "decode", None))
     ):

@@ -21,6 +21,13 @@ _default: Dedup | None = None
 _default_lock = threading.Lock()
 
 
+def checked(dedup: Dedup | None) -> Dedup | None:
+    """``dedup`` if it is a ``Dedup`` or None (use the default), else ``ConfigError``."""
+    if dedup is not None and not isinstance(dedup, Dedup):
+        raise ConfigError(f"dedup must be a Dedup, got {type(dedup).__name__}")
+    return dedup
+
+
 def configure(dedup: Dedup | None = None, /, **options: Any) -> Dedup:
     """Set the process-wide ``Dedup`` used where an entry point is given none.
 
@@ -30,8 +37,7 @@ def configure(dedup: Dedup | None = None, /, **options: Any) -> Dedup:
     global _default
     if dedup is not None and options:
         raise ConfigError("configure() takes a Dedup or its arguments, not both")
-    if dedup is not None and not isinstance(dedup, Dedup):
-        raise ConfigError(f"configure() takes a Dedup, got {type(dedup).__name__}")
+    checked(dedup)
     if dedup is None:
         dedup = Dedup(**options) if "url" in options else Dedup.from_env(**options)
     with _default_lock:

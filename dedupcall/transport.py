@@ -22,7 +22,7 @@ from dedupcall.aio import within
 from dedupcall.bodies import Captured, TooLarge, read_async, read_sync
 from dedupcall.config import validate_call
 from dedupcall.core import Dedup
-from dedupcall.entry import RedisErrorPolicy, current_default, default_dedup
+from dedupcall.entry import RedisErrorPolicy, checked, current_default, default_dedup
 from dedupcall.errors import (
     ConfigError,
     RedisUnavailable,
@@ -123,8 +123,7 @@ class _Options:
         max_body_bytes: int,
         on_redis_error: str,
     ) -> None:
-        if dedup is not None and not isinstance(dedup, Dedup):
-            raise ConfigError(f"dedup must be a Dedup, got {type(dedup).__name__}")
+        checked(dedup)
         if isinstance(methods, str) or not all(isinstance(m, str) for m in methods):
             raise ConfigError(f"methods= must be a collection of method names, got {methods!r}")
         if key is not None and not callable(key):
