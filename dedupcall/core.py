@@ -13,14 +13,12 @@ import logging
 import os
 import secrets
 import socket
-import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from dedupcall import codec, status
+from dedupcall import codec, events, status
 from dedupcall.aio import within
 from dedupcall.bridge import SyncBridge
 from dedupcall.config import (
@@ -47,6 +45,7 @@ from dedupcall.errors import (
 )
 from dedupcall.flights import LocalFlight, function_attempt
 from dedupcall.keys import KeySpace
+from dedupcall.metrics import Metrics
 from dedupcall.models import Grant, QueueItem, QueueStatus, Result
 from dedupcall.notifier import Notifier
 from dedupcall.store import Store
@@ -56,21 +55,6 @@ log = logging.getLogger("dedupcall")
 
 Fn = Callable[[], Awaitable[Any] | Any]
 RetryOn = type[BaseException] | tuple[type[BaseException], ...]
-COUNTERS = (
-    "executed",
-    "joined",
-    "cached",
-    "failed",
-    "queued",
-    "executions",
-    "retries",
-    "failures",
-    "lease_lost",
-    "timeouts",
-    "reconnects",
-    "bypassed",
-    "passed_through",
-)
 
 
 def _new_instance_id() -> str:
@@ -104,8 +88,7 @@ class Dedup:
         self.namespace = namespace
         self.config = Config().with_values(**config)
         self.instance_id = _new_instance_id()
-        self._counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
-        self._count_lock = threading.Lock()  # entry points count from caller threads
+        self.metrics = Metrics()
         self._local: dict[tuple[str, str], LocalFlight] = {}
         self._by_id: dict[str, LocalFlight] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -436,6 +419,7 @@ class Dedup:
         caller) and, for the caller whose process executed it, the original exception.
         """
         validate_call(priority, ttl, timeout)
+        started = time.perf_counter()
         text = codec.readable_key(key)
         await self._ensure()
         slot = (kind, codec.key_digest(kind, key))
@@ -464,9 +448,7 @@ class Dedup:
             if lf.waiters == 0 and not lf.future.done():
                 lf.abandon()
         outcome = lf.outcome if first else ("cached" if lf.outcome == "cached" else "joined")
-        self.count(outcome)
-        if not result.success:
-            self.count("failed")
+        self.metrics.call_done(outcome, time.perf_counter() - started, failed=not result.success)
         result = dataclasses.replace(result, outcome=outcome)
         return result, (lf.local_error if outcome == "executed" else None)
 
@@ -483,6 +465,7 @@ class Dedup:
                 if rid != proposed:
                     del self._by_id[proposed]
                     lf.request_id = rid
+                self._log_submit(verdict, rid, proposed, lf.key)
                 if verdict == "cached":
                     lf.resolve(self._decode_result(reply[2], cached=True))
                     return
@@ -511,6 +494,16 @@ class Dedup:
                 del self._local[(lf.kind, lf.digest)]
             if lf.request_id is not None and self._by_id.get(lf.request_id) is lf:
                 del self._by_id[lf.request_id]
+
+    def _log_submit(self, verdict: str, rid: str, proposed: str, key: str) -> None:
+        event = (
+            events.CACHED
+            if verdict == "cached"
+            else events.QUEUED
+            if rid == proposed
+            else events.JOINED
+        )
+        events.flight_event(event, self.instance_id, request_id=rid, key=key)
 
     async def _wait_done(self, lf: LocalFlight, rid: str) -> str:
         """Wait for ``rid`` to finish: resolved, abandoned (every caller left) or vanished."""
@@ -696,6 +689,7 @@ class Dedup:
             self.count("cached")
         else:  # a grant of an existing flight (ours, running) is a join too
             self.count("queued" if rid == proposed else "joined")
+        self._log_submit(verdict, rid, proposed, text)
         if verdict == "granted":
             self.worker.on_grant(Grant.from_reply([rid, *reply[2:5], "request", lf.digest]))
         return rid
@@ -801,18 +795,21 @@ class Dedup:
         """Count one ``event`` in ``stats()``, from any thread (``bypassed``: sent straight
         to the upstream because Redis was unavailable; ``passed_through``: a request the
         transport does not deduplicate; ``timeouts``: a caller's wait ran out)."""
-        with self._count_lock:
-            self._counters[event] += 1
+        self.metrics.count(event)
 
-    def stats(self) -> dict[str, int]:
-        """This instance's counters: calls ``executed``, ``joined``, ``cached`` and
-        ``failed``; ``queued`` requests; ``executions``, ``retries``, ``failures`` and
-        ``lease_lost`` of its worker; ``timeouts`` of its waiters; ``reconnects`` of its
-        subscriber connection; ``bypassed`` and ``passed_through`` of the entry points."""
-        with self._count_lock:
-            out = dict(self._counters)
-        worker = getattr(self, "worker", None)
-        if worker is not None:
-            out.update(worker.stats)
-            out["reconnects"] = self._notifier.reconnects
+    def stats(self) -> dict[str, Any]:
+        """This instance's numbers, as written beside its heartbeat.
+
+        Counters: calls ``executed``, ``joined``, ``cached`` and ``failed`` (by how each
+        caller got its result); ``queued`` requests; ``executions``, ``retries``,
+        ``failures`` and ``lease_lost`` of its worker; ``timeouts`` of its waiters;
+        ``reconnects`` of its subscriber connection; ``bypassed`` and ``passed_through``
+        of the entry points. Histograms (``{"count", "sum", "counts"}`` over
+        ``dedupcall.metrics.BUCKETS``): ``wait_seconds`` by outcome, how long callers
+        waited for their result; ``execution_seconds``, how long attempts ran here.
+        """
+        out = self.metrics.snapshot()
+        notifier = getattr(self, "_notifier", None)
+        if notifier is not None:
+            out["reconnects"] = notifier.reconnects
         return out

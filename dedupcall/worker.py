@@ -17,14 +17,14 @@ import os
 import random
 import socket
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from dedupcall import codec, httpexec
+from dedupcall import codec, events, httpexec
 from dedupcall.aio import Wakeup, stop_task, within
 from dedupcall.config import decode_shared
 from dedupcall.errors import RedisUnavailable, SerializationError
@@ -49,7 +49,6 @@ class Outcome:
 
 
 Attempt = Callable[[Grant], Awaitable[Outcome]]
-WORKER_COUNTERS = ("executions", "retries", "failures", "lease_lost")
 
 
 @dataclass
@@ -72,6 +71,7 @@ class _Lease:
     lease_ms: int
     task: asyncio.Task[Any] | None = None
     lost: bool = False
+    key: str | None = None  # readable key, for logs
 
 
 @dataclass
@@ -79,11 +79,10 @@ class Worker:
     """Background tasks of one ``Dedup``: sweep, lease renewal, attempts, queued requests."""
 
     dedup: Dedup
-    # Seeded: stats() may copy it from another thread, so it never grows.
-    stats: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(WORKER_COUNTERS, 0)))
 
     def __post_init__(self) -> None:
         self.store = self.dedup.store
+        self.metrics = self.dedup.metrics
         self._leases: dict[str, _Lease] = {}
         self._accepted: set[tuple[str, str]] = set()  # (request id, token) taken, not finished
         # Recently finished grants: a sweep's listing computed before a grant finished may
@@ -192,10 +191,14 @@ class Worker:
 
     async def execute(self, grant: Grant, attempt: Attempt) -> Finished:
         """Run one attempt under its lease, then complete or retry it (fenced by the token)."""
+        local = self.dedup._by_id.get(grant.request_id)
         lease = _Lease(grant, grant.lease_ms, asyncio.current_task())
+        lease.key = local.key if local is not None else None
         self._leases[grant.request_id] = lease
         self._wake_renew.set()
         rid = grant.request_id
+        self._event(events.GRANTED, grant, lease.key)
+        started = time.perf_counter()
         try:
             try:
                 outcome = await attempt(grant)
@@ -226,9 +229,9 @@ class Worker:
             while len(self._finished) > 4096:
                 self._finished.popitem(last=False)
         grant = lease.grant  # the newest grant of this flight: complete under its token
-        self.stats["executions"] += 1
+        self.metrics.execution_done(time.perf_counter() - started)
         try:
-            return await asyncio.shield(self._finish(grant, outcome))
+            return await asyncio.shield(self._finish(grant, outcome, lease.key))
         except RedisUnavailable as exc:
             # Not stored: other holders re-execute after the lease. Our own callers still
             # get what we computed (a final outcome), or the Redis error (a retryable one).
@@ -239,8 +242,7 @@ class Worker:
                 result=Result.from_record(codec.decode_record(outcome.record)), error=outcome.error
             )
 
-    async def _finish(self, grant: Grant, outcome: Outcome) -> Finished:
-        rid = grant.request_id
+    async def _finish(self, grant: Grant, outcome: Outcome, key: str | None) -> Finished:
         for pause in (0.05, 0.2, 0.5, None):
             try:
                 if outcome.retryable:
@@ -261,27 +263,44 @@ class Worker:
             verdict = "ok"  # our own completion, repeated after a lost reply: it is stored
             reply = [b"ok", []]
         if verdict == "lost":
-            self.stats["lease_lost"] += 1
-            log.warning("dedupcall lease lost; completion refused", extra={"request_id": rid})
+            self.metrics.count("lease_lost")
+            self._event(events.LEASE_LOST, grant, key, " (completion refused)")
             stored = reply[1] if len(reply) > 1 else None
             result = self.dedup._decode_result(stored) if stored else None
             return Finished(result=result, lost=True)
         self.on_grants(reply[-1])
         if verdict == "retrying":
-            self.stats["retries"] += 1
+            self.metrics.count("retries")
+            self._event(events.RETRIED, grant, key, f" (next attempt in {int(reply[1])} ms)")
             # The sweep promotes due retries; wake it when this one is due rather than
             # at the next heartbeat (a 10 ms backoff must not take a second).
             asyncio.get_running_loop().call_later(int(reply[1]) / 1000 + 0.001, self.wake_sweep)
             return Finished()
         result = Result.from_record(codec.decode_record(outcome.record))
-        if not result.success:
-            self.stats["failures"] += 1
+        if result.success:
+            self._event(events.EXECUTED, grant, key)
+        else:
+            self.metrics.count("failures")
+            self._event(events.FAILED, grant, key, f": {result.error_type}: {result.error}")
         return Finished(result=result, error=outcome.error)
+
+    def _event(self, event: str, grant: Grant, key: str | None, detail: str = "") -> None:
+        events.flight_event(
+            event,
+            self.dedup.instance_id,
+            request_id=grant.request_id,
+            key=key,
+            attempt=grant.attempts,
+            detail=detail,
+        )
 
     # --- queued HTTP requests ----------------------------------------------------
     async def http_attempt(self, grant: Grant) -> Outcome:
         """Attempt for a queued request: read its payload, send it, classify the response."""
         key, raw = await self.store.flight_payload(grant.request_id)
+        lease = self._leases.get(grant.request_id)
+        if lease is not None:
+            lease.key = key
         fields: dict[str, Any] = {
             "request_id": grant.request_id,
             "key": key,
@@ -347,7 +366,13 @@ class Worker:
             try:
                 want_mine, self._want_mine = self._want_mine, False
                 reply = await self.store.reap(self.info(), want_mine)
-                grants, next_retry, next_lease, mine, config, _ = reply
+                grants, next_retry, next_lease, mine, config, reaped = reply
+                if reaped:
+                    events.flight_event(
+                        events.REAPED,
+                        self.dedup.instance_id,
+                        detail=f": {reaped} flight(s) whose executor or holders stopped",
+                    )
                 self.on_grants(grants)
                 self.on_grants(mine)
                 self.dedup._apply_shared(decode_shared(pairs(config)))
@@ -393,9 +418,6 @@ class Worker:
                     continue  # adopted a newer grant meanwhile: this reply is about the old one
                 if grant.request_id in lost_ids:
                     lease.lost = True
-                    log.warning(
-                        "dedupcall lease lost while running",
-                        extra={"request_id": lease.grant.request_id},
-                    )
+                    self._event(events.LEASE_LOST, grant, lease.key, " while running")
                 else:
                     lease.lease_ms = lease_ms

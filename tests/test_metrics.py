@@ -1,0 +1,128 @@
+"""Counters, histograms and log events against a workload whose numbers are known."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import pytest
+
+from dedupcall import CallFailed, Dedup
+from dedupcall.metrics import BUCKETS, Histogram, quantile
+
+
+async def test_counters_and_histograms_match_a_known_workload(dedup: Dedup) -> None:
+    async def slow(value: int) -> int:
+        await asyncio.sleep(0.05)
+        return value
+
+    flaky_runs = 0
+
+    async def flaky() -> str:
+        nonlocal flaky_runs
+        flaky_runs += 1
+        if flaky_runs < 3:
+            raise ConnectionError("try again")
+        return "ok"
+
+    async def broken() -> None:
+        raise ValueError("no")
+
+    # 3 keys x 5 concurrent callers: 3 executed, 12 joined; then 2 cached hits per key.
+    await asyncio.gather(*(dedup.call(f"/k/{i}", lambda i=i: slow(i)) for i in [0, 1, 2] * 5))
+    await asyncio.gather(*(dedup.call(f"/k/{i}", lambda i=i: slow(i)) for i in [0, 1, 2] * 2))
+    assert await dedup.call("/flaky", flaky, retry_on=ConnectionError) == "ok"
+    with pytest.raises(CallFailed):
+        await dedup.call("/broken", broken)
+
+    stats = dedup.stats()
+    calls = {k: stats[k] for k in ("executed", "joined", "cached", "failed")}
+    assert calls == {"executed": 5, "joined": 12, "cached": 6, "failed": 1}
+    # Executions: 3 slow + 3 flaky attempts + 1 broken; flaky retried twice; broken failed.
+    assert (stats["executions"], stats["retries"], stats["failures"]) == (7, 2, 1)
+    assert stats["lease_lost"] == 0
+    waits = stats["wait_seconds"]
+    assert {k: waits[k]["count"] for k in waits} == {"executed": 5, "joined": 12, "cached": 6}
+    assert stats["execution_seconds"]["count"] == 7
+    # Joiners waited for a 50 ms call: the estimate lands in the 25..100 ms buckets.
+    p50 = quantile(waits["joined"], 0.5)
+    assert p50 is not None and 0.025 <= p50 <= 0.1
+    assert quantile(waits["cached"], 0.99) is not None
+    assert quantile(waits["cached"], 0.99) < 0.05  # type: ignore[operator]
+
+
+async def test_every_instance_writes_its_numbers_beside_its_heartbeat(
+    make_dedup: Callable[..., Dedup],
+) -> None:
+    a, b = make_dedup(), make_dedup()
+    await a.call("/shared", lambda: asyncio.sleep(0.05, result=1))
+    await b.call("/shared", lambda: asyncio.sleep(0.05, result=1))  # cached
+    await b.call("/other", lambda: asyncio.sleep(0, result=2))
+    deadline = asyncio.get_running_loop().time() + 5
+    while True:  # each instance writes them at its next heartbeat
+        instances = {i.id: i.stats for i in (await a.get_queue_status()).instances}
+        if (
+            instances.get(a.instance_id, {}).get("executed") == 1
+            and instances.get(b.instance_id, {}).get("executed") == 1
+        ):
+            break
+        assert asyncio.get_running_loop().time() < deadline, instances
+        await asyncio.sleep(0.05)
+    assert instances[b.instance_id]["cached"] == 1
+    assert instances[b.instance_id]["wait_seconds"]["cached"]["count"] == 1
+    assert instances[a.instance_id]["execution_seconds"]["count"] == 1
+
+
+def test_histogram_buckets_and_quantile_estimates() -> None:
+    h = Histogram()
+    assert quantile(h.snapshot(), 0.5) is None
+    for seconds in (0.0005, 0.003, 0.003, 0.2, 100.0):
+        h.observe(seconds)
+    snap = h.snapshot()
+    assert snap["count"] == 5 and snap["sum"] == pytest.approx(100.2065)
+    assert snap["counts"][0] == 1  # <= 1 ms
+    assert snap["counts"][BUCKETS.index(0.005)] == 2
+    assert snap["counts"][-1] == 1  # above the last bound
+    q = quantile(snap, 0.5)
+    assert q is not None and 0.0025 < q <= 0.005
+    assert quantile(snap, 1.0) == BUCKETS[-1]  # only known to be above it
+
+
+async def test_flight_events_are_logged_with_their_fields(
+    dedup: Dedup, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="dedupcall"):
+        await dedup.call("/logged", lambda: asyncio.sleep(0, result=1))
+        await dedup.call("/logged", lambda: asyncio.sleep(0, result=1))  # a cache hit
+    events = [(r.event, r.key, r.attempt) for r in caplog.records if hasattr(r, "event")]  # type: ignore[attr-defined]
+    assert events == [
+        ("queued", "/logged", None),
+        ("granted", "/logged", 1),
+        ("executed", "/logged", 1),
+    ]
+    for record in caplog.records:
+        assert record.instance_id == dedup.instance_id  # type: ignore[attr-defined]
+        assert record.request_id  # type: ignore[attr-defined]
+        assert record.levelno == logging.INFO
+
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="dedupcall"):
+        await dedup.call("/logged", lambda: asyncio.sleep(0, result=1))
+    assert [r.event for r in caplog.records if hasattr(r, "event")] == ["cached"]  # type: ignore[attr-defined]
+    assert caplog.records[0].levelno == logging.DEBUG
+
+
+async def test_retries_and_failures_are_logged(
+    dedup: Dedup, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken() -> None:
+        raise ConnectionError("down")
+
+    with caplog.at_level(logging.INFO, logger="dedupcall"), pytest.raises(CallFailed):
+        await dedup.call("/down", broken, retry_on=ConnectionError)
+    seen = [(r.event, r.attempt, r.levelno) for r in caplog.records if hasattr(r, "event")]  # type: ignore[attr-defined]
+    retries = dedup.config.max_retries
+    assert seen[-1] == ("failed", retries + 1, logging.WARNING)
+    assert [e for e, _, _ in seen].count("retried") == retries
+    assert "ConnectionError: down" in caplog.records[-1].getMessage()
