@@ -137,8 +137,22 @@ def decode_shared(raw: Mapping[Any, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_env_value(name: str, text: str) -> Any:
-    """Parse one ``DEDUPCALL_*`` value by the type of its field."""
+def check_shared(values: Mapping[str, Any]) -> None:
+    """Raise ``ConfigError`` unless ``values`` are valid shared settings only."""
+    unknown = set(values) - set(SHARED_FIELDS)
+    if unknown:
+        raise ConfigError(
+            f"not shared config option(s): {', '.join(sorted(unknown))}; "
+            f"shared: {', '.join(SHARED_FIELDS)}"
+        )
+    validate(values)
+
+
+def parse_env_value(name: str, text: str, label: str | None = None) -> Any:
+    """Parse one setting given as text (a ``DEDUPCALL_*`` variable, unless ``label``
+    names where it came from) by the type of its field."""
+    if name not in {f.name for f in fields(Config)}:
+        raise ConfigError(f"unknown config option {name!r}")
     default = getattr(Config(), name)
     try:
         if name == "max_concurrent":
@@ -147,7 +161,8 @@ def parse_env_value(name: str, text: str) -> Any:
             return int(text)
         return float(text)
     except ValueError as exc:
-        raise ConfigError(f"DEDUPCALL_{name.upper()}={text!r} is not a valid {name}") from exc
+        where = label or f"DEDUPCALL_{name.upper()}"
+        raise ConfigError(f"{where}={text!r} is not a valid {name}") from exc
 
 
 def config_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:

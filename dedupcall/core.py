@@ -22,8 +22,8 @@ from dedupcall import codec, events, status
 from dedupcall.aio import within
 from dedupcall.bridge import SyncBridge
 from dedupcall.config import (
-    SHARED_FIELDS,
     Config,
+    check_shared,
     check_url,
     config_from_env,
     decode_shared,
@@ -755,10 +755,11 @@ class Dedup:
         found = await status.items(self.store, ids)
         return found[0] if found else None
 
-    async def get_queue_items(self) -> list[QueueItem]:
-        """Every unfinished flight: running first, then queued by urgency, then delayed."""
+    async def get_queue_items(self, limit: int | None = None) -> list[QueueItem]:
+        """Every unfinished flight (at most ``limit`` of each state): running first, then
+        queued by urgency, then delayed."""
         await self._ensure()
-        return await status.all_items(self.store)
+        return await status.all_items(self.store, limit)
 
     async def get_queue_status(self) -> QueueStatus:
         """Queue length, running and delayed counts, live instances and the shared config."""
@@ -780,13 +781,7 @@ class Dedup:
         Only ``max_concurrent``, ``max_retries``, ``retry_delay``, ``lock_timeout`` and
         ``result_ttl`` are shared; invalid values raise ``ConfigError`` and change nothing.
         """
-        unknown = set(values) - set(SHARED_FIELDS)
-        if unknown:
-            raise ConfigError(
-                f"not shared config option(s): {', '.join(sorted(unknown))}; "
-                f"shared: {', '.join(SHARED_FIELDS)}"
-            )
-        validate(values)
+        check_shared(values)
         await self._ensure()
         await self.store.write_shared_config(encode_shared(values))
         self._apply_shared(values)

@@ -8,6 +8,7 @@ from typing import Any
 
 from dedupcall import codec
 from dedupcall.config import decode_shared
+from dedupcall.errors import ConfigError
 from dedupcall.models import InstanceInfo, QueueItem, QueueStatus
 from dedupcall.store import Store, redis_errors
 
@@ -55,13 +56,16 @@ async def items(store: Store, ids: list[str]) -> list[QueueItem]:
     return out
 
 
-async def all_items(store: Store) -> list[QueueItem]:
-    """Running flights first, then queued ones by urgency, then delayed ones."""
-    k = store.keys
+async def all_items(store: Store, limit: int | None = None) -> list[QueueItem]:
+    """Running flights first, then queued ones by urgency, then delayed ones; at most
+    ``limit`` of each."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"limit must be an int >= 1 or None, got {limit!r}")
+    k, last = store.keys, -1 if limit is None else limit - 1
     pipe = store.redis.pipeline(transaction=False)
-    pipe.zrange(k.running, 0, -1)
-    pipe.zrange(k.queue, 0, -1)
-    pipe.zrange(k.delayed, 0, -1)
+    pipe.zrange(k.running, 0, last)
+    pipe.zrange(k.queue, 0, last)
+    pipe.zrange(k.delayed, 0, last)
     with redis_errors():
         running, queued, delayed = await pipe.execute()
     return await items(store, [x.decode() for x in [*running, *queued, *delayed]])
