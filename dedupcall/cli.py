@@ -1,0 +1,374 @@
+"""The ``dedupcall`` command (also ``python -m dedupcall``).
+
+Every command takes ``--url`` and ``--namespace`` (after the command name), else reads the
+environment as ``Dedup.from_env()`` does (``REDIS_URL`` or ``REDIS_HOST``...,
+``DEDUPCALL_NAMESPACE``, ``DEDUPCALL_<SETTING>``). Inspection and control go through an
+``Observer``: looking at a system does not make the CLI one of its instances.
+
+Exit codes: 0 done; 1 failed or refused (a declined ``clear``, a demo that saw more
+upstream calls than keys); 2 bad usage, URL or setting; 3 Redis unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import click
+from rich.console import Console
+
+from dedupcall import console as show
+from dedupcall import report
+from dedupcall.config import (
+    SHARED_FIELDS,
+    check_shared,
+    check_url,
+    config_from_env,
+    parse_env_value,
+    redact,
+    url_from_env,
+)
+from dedupcall.errors import ConfigError, DedupError, RedisUnavailable
+from dedupcall.observer import Observer
+
+EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 1, 2, 3
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a command points: a Redis URL, a namespace and config from the environment."""
+
+    url: str
+    namespace: str
+    config: dict[str, Any]
+    as_json: bool
+
+    @classmethod
+    def resolve(cls, url: str | None, namespace: str | None, as_json: bool) -> Target:
+        env = os.environ
+        url = url or url_from_env(env) or DEFAULT_URL
+        check_url(url)
+        return cls(
+            url=url,
+            namespace=namespace or env.get("DEDUPCALL_NAMESPACE") or "dedupcall",
+            config=config_from_env(env),
+            as_json=as_json,
+        )
+
+    def observer(self) -> Observer:
+        return Observer(self.url, self.namespace, **self.config)
+
+
+def fail(code: int, message: str, *, as_json: bool, kind: str = "Error") -> NoReturn:
+    """Say what went wrong (stderr, or a JSON object on stdout with ``--json``), exit."""
+    if as_json:
+        click.echo(json.dumps({"error": kind, "message": message}))
+    else:
+        click.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def handled(url: str | None, as_json: bool) -> Iterator[None]:
+    """Turn our errors into a one-line message and an exit code (no traceback)."""
+    where = redact(url) if url else "Redis"
+    try:
+        yield
+    except RedisUnavailable as exc:
+        fail(
+            EXIT_UNAVAILABLE,
+            f"cannot reach {where}: {exc}",
+            as_json=as_json,
+            kind="RedisUnavailable",
+        )
+    except ConfigError as exc:
+        fail(EXIT_USAGE, str(exc), as_json=as_json, kind="ConfigError")
+    except DedupError as exc:
+        fail(EXIT_FAILED, str(exc), as_json=as_json, kind=type(exc).__name__)
+
+
+def with_target(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--url``, ``--namespace`` and ``--json``; pass the command a ``Target``."""
+
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    @click.option(
+        "--namespace",
+        "-n",
+        metavar="NAME",
+        help="Namespace (default: DEDUPCALL_NAMESPACE, else 'dedupcall').",
+    )
+    @click.option(
+        "--url",
+        metavar="URL",
+        help=f"Redis URL (default: REDIS_URL, REDIS_HOST..., else {DEFAULT_URL}).",
+    )
+    @functools.wraps(command)
+    def wrapper(url: str | None, namespace: str | None, as_json: bool, **kwargs: Any) -> Any:
+        with handled(url, as_json):
+            target = Target.resolve(url, namespace, as_json)
+        with handled(target.url, as_json):
+            return command(target, **kwargs)
+
+    return wrapper
+
+
+def observe(target: Target, work: Callable[[Observer], Awaitable[T]]) -> T:
+    """Run ``work`` with an ``Observer`` of ``target``, closing it after."""
+
+    async def run() -> T:
+        async with target.observer() as observer:
+            return await work(observer)
+
+    return asyncio.run(run())
+
+
+def emit(target: Target, data: Any, *parts: Any) -> None:
+    """JSON of ``data`` with ``--json``, else the rich ``parts``."""
+    if target.as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        show.show(Console(highlight=False), *parts)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dedupcall")
+def cli() -> None:
+    """dedupcall: call an upstream API once per path across every instance.
+
+    Exit codes: 0 ok, 1 failed or refused, 2 bad usage or setting, 3 Redis unreachable.
+    """
+
+
+# --- status ------------------------------------------------------------------------------
+@cli.command()
+@with_target
+@click.option(
+    "--serve", type=click.IntRange(0, 65535), metavar="PORT", help="Serve the status page."
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address for --serve.")
+@click.option(
+    "--token",
+    envvar="DEDUPCALL_STATUS_TOKEN",
+    help="Enable clear and config changes on the page for this bearer token "
+    "(default: DEDUPCALL_STATUS_TOKEN; none: read-only).",
+)
+def status(target: Target, serve: int | None, host: str, token: str | None) -> None:
+    """Queue length, running and delayed flights, live instances with their heartbeat
+    age and numbers, counters and shared config. --serve PORT serves the status page."""
+    view = observe(
+        target,
+        lambda o: o.get_queue_status(),
+    )
+    data = report.status_view(view, target.namespace)
+    if serve is None:
+        emit(target, data, show.status_group(data, redact(target.url)))
+        return
+    serve_page(target, host, serve, token)
+
+
+def serve_page(target: Target, host: str, port: int, token: str | None) -> None:
+    """Serve ``status_app`` with uvicorn until SIGINT/SIGTERM."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from dedupcall.asgi import status_app
+
+    observer = target.observer()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        try:
+            yield
+        finally:
+            await observer.aclose()
+
+    page = status_app(observer, control_token=token)
+    app = Starlette(routes=[Mount("/", page)], lifespan=lifespan)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+
+    async def run() -> None:
+        await server.startup()
+        if server.should_exit:  # e.g. the port is taken: uvicorn said why
+            raise ConfigError(f"could not serve on {host}:{port}")
+        bound = server.servers[0].sockets[0].getsockname()[1]
+        mode = "controls enabled" if token else "read-only"
+        click.echo(
+            f"status page of namespace {target.namespace} at http://{host}:{bound}/ ({mode}); "
+            "Ctrl-C stops",
+            err=target.as_json,
+        )
+        await server.main_loop()
+        await server.shutdown()
+
+    asyncio.run(run())
+
+
+# --- items -------------------------------------------------------------------------------
+@cli.command()
+@with_target
+@click.option("--limit", type=click.IntRange(1), default=100, show_default=True, help="Per state.")
+def items(target: Target, limit: int) -> None:
+    """Running, queued and delayed flights: key, priority, attempts, age, executor."""
+    found = observe(target, lambda o: o.get_queue_items(limit=limit))
+    data = [report.item_view(i) for i in found]
+    emit(target, data, show.items_table(data, f"flights of namespace {target.namespace}"))
+
+
+# --- clear -------------------------------------------------------------------------------
+@cli.command()
+@with_target
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def clear(target: Target, yes: bool) -> None:
+    """Remove every queued and delayed flight (running ones finish); their callers get
+    QueueCleared."""
+    if not yes:
+        view = observe(target, lambda o: o.get_queue_status())
+        waiting = view.queue_length + view.delayed
+        question = (
+            f"Remove {waiting} queued/delayed flight(s) from namespace {target.namespace!r} "
+            f"at {redact(target.url)}?"
+        )
+        if not click.confirm(question, err=True):
+            fail(EXIT_FAILED, "not cleared", as_json=target.as_json, kind="Aborted")
+    removed = observe(target, lambda o: o.clear_queue())
+    if target.as_json:
+        click.echo(json.dumps({"removed": removed}))
+    else:
+        click.echo(f"removed {removed} flight(s) from namespace {target.namespace}")
+
+
+# --- config ------------------------------------------------------------------------------
+@cli.group()
+def config() -> None:
+    """Read or change the namespace's shared config."""
+
+
+@config.command("get")
+@with_target
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+def config_get(target: Target, names: tuple[str, ...]) -> None:
+    """Print shared config (all of it, or the NAMEs)."""
+    check_shared(dict.fromkeys(names, 1))  # names only: raises for one that is not shared
+    values = observe(target, lambda o: o.shared_config())
+    if names:
+        values = {name: values[name] for name in names}
+    emit(target, values, show.config_table(values, f"shared config of {target.namespace}"))
+
+
+@config.command("set")
+@with_target
+@click.argument("assignments", nargs=-1, required=True, metavar="NAME=VALUE...")
+def config_set(target: Target, assignments: tuple[str, ...]) -> None:
+    """Change shared config for every instance, e.g. max_concurrent=10 retry_delay=0.5.
+    All values are checked first: one bad value changes nothing."""
+    values: dict[str, Any] = {}
+    for text in assignments:
+        name, eq, value = text.partition("=")
+        if not eq or not name:
+            raise ConfigError(f"expected NAME=VALUE, got {text!r}")
+        name = name.strip()
+        if name not in SHARED_FIELDS:
+            raise ConfigError(
+                f"{name!r} is not a shared setting; shared: {', '.join(SHARED_FIELDS)}"
+            )
+        values[name] = parse_env_value(name, value.strip(), label=name)
+    check_shared(values)
+
+    async def apply(observer: Observer) -> dict[str, Any]:
+        await observer.update_config(**values)
+        return await observer.shared_config()
+
+    now = observe(target, apply)
+    emit(target, now, show.config_table(now, f"shared config of {target.namespace}"))
+
+
+# --- worker ------------------------------------------------------------------------------
+@cli.command()
+@with_target
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(0, min_open=True),
+    help="Seconds running flights get to finish at shutdown (default: the config's).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+)
+def worker(target: Target, drain_timeout: float | None, log_level: str) -> None:
+    """Run a worker for queued HTTP requests until SIGTERM or SIGINT; then it stops
+    taking flights, lets running ones finish (--drain-timeout) and hands the rest back.
+    Logs flight events to stderr (JSON lines with --json)."""
+    from dedupcall.core import Dedup
+    from dedupcall.logfmt import install
+
+    install(logging.getLevelName(log_level.upper()), as_json=target.as_json)
+    log = logging.getLogger("dedupcall")
+
+    async def run() -> None:
+        dedup = Dedup(target.url, namespace=target.namespace, **target.config)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await dedup.start()
+        log.info(
+            "dedupcall worker %s ready (namespace %s, %s)",
+            dedup.instance_id,
+            target.namespace,
+            redact(target.url),
+            extra={"instance_id": dedup.instance_id, "event": "ready"},
+        )
+        await stop.wait()
+        log.info("dedupcall worker stopping: draining", extra={"event": "stopping"})
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)  # a second signal stops at once
+        await dedup.aclose(drain_timeout=drain_timeout)
+        log.info("dedupcall worker stopped", extra={"event": "stopped"})
+
+    asyncio.run(run())
+
+
+# --- demo --------------------------------------------------------------------------------
+@cli.command()
+@click.option("--instances", type=int, default=4, show_default=True, help="Instance processes.")
+@click.option("--calls", type=int, default=200, show_default=True, help="Calls per instance.")
+@click.option("--keys", type=int, default=5, show_default=True, help="Distinct API paths.")
+@click.option("--delay", type=float, default=0.2, show_default=True, help="Upstream seconds.")
+@click.option(
+    "--url",
+    metavar="URL",
+    help="Redis URL (default: REDIS_URL, REDIS_HOST..., a server on 127.0.0.1:6379, "
+    "else an embedded one).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def demo(
+    instances: int, calls: int, keys: int, delay: float, url: str | None, as_json: bool
+) -> None:
+    """See dedupcall work: N instances fire duplicate calls at a slow local upstream,
+    with and without dedup; prints calls made, upstream executions and latencies."""
+    from dedupcall.demo import DemoOptions
+    from dedupcall.demo import main as run_demo
+
+    with handled(url, as_json):
+        opts = DemoOptions(instances=instances, calls=calls, keys=keys, delay=delay, url=url)
+    sys.exit(run_demo(opts, as_json=as_json))
+
+
+def main() -> None:
+    """Console script entry point."""
+    cli(prog_name="dedupcall")

@@ -1,0 +1,102 @@
+"""Rich tables of the CLI: status, flights, config. Takes ``report`` views; no I/O but
+printing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from dedupcall.metrics import COUNTERS
+
+
+def _seconds(value: float) -> str:
+    if value < 10:
+        return f"{value:.2f} s"
+    return f"{value:.0f} s" if value < 120 else f"{value / 60:.0f} min"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.1f} ms"
+
+
+def _titled(title: str, table: Table) -> Group:
+    return Group(Text(title, style="bold"), table)
+
+
+def config_table(config: dict[str, Any], title: str = "config") -> Group:
+    table = Table()
+    table.add_column("setting")
+    table.add_column("value", justify="right")
+    for name, value in config.items():
+        table.add_row(name, "none" if value is None else str(value))
+    return _titled(title, table)
+
+
+def items_table(items: list[dict[str, Any]], title: str = "flights") -> Group:
+    table = Table()
+    for name in ("state", "key", "kind", "priority", "attempts", "age", "executor", "waiters"):
+        table.add_column(name, justify="right" if name in ("priority", "attempts") else "left")
+    table.add_column("request id")
+    for item in items:
+        table.add_row(
+            item["state"],
+            item["key"],
+            item["kind"],
+            str(item["priority"]),
+            str(item["attempts"]),
+            _seconds(item["age"]),
+            item["executor"] or "-",
+            str(item["waiters"]),
+            item["request_id"],
+        )
+    return _titled(f"{title} ({len(items)})", table)
+
+
+def status_group(view: dict[str, Any], url: str) -> Group:
+    """``dedupcall status``: queue counts, instances with their numbers, totals, config."""
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("namespace", view["namespace"])
+    head.add_row("redis", url)
+    head.add_row(
+        "queue",
+        f"{view['queue_length']} queued, {view['running']} running, {view['delayed']} delayed",
+    )
+    instances = Table()
+    instances.add_column("instance", overflow="fold")
+    for name in ("beat", "exec", "join", "cache", "fail", "p50 wait", "p99 wait"):
+        instances.add_column(name, justify="right")
+    for info in view["instances"]:
+        stats = info["stats"]
+        instances.add_row(
+            info["id"],
+            f"{_seconds(info['last_seen'])} ago",
+            *(str(stats.get(k, 0)) for k in ("executed", "joined", "cached", "failed")),
+            _ms(info["wait_p50"]),
+            _ms(info["wait_p99"]),
+        )
+    counters = Table.grid(padding=(0, 2))
+    for _ in range(4):
+        counters.add_column()
+        counters.add_column(justify="right")
+    cells = [(name, str(view["totals"][name])) for name in COUNTERS]
+    for row in range(0, len(cells), 4):
+        chunk = [part for cell in cells[row : row + 4] for part in cell]
+        counters.add_row(*chunk)
+    return Group(
+        head,
+        Text(),
+        _titled(f"live instances ({len(view['instances'])})", instances),
+        _titled("counters, summed over live instances", counters),
+        Text(),
+        config_table(view["config"], "shared config"),
+    )
+
+
+def show(console: Console, *parts: Any) -> None:
+    for part in parts:
+        console.print(part)
