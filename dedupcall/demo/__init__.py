@@ -19,12 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from dedupcall.config import redact, url_from_env
 from dedupcall.demo.local import NoRedis, namespace, redis_url
 from dedupcall.demo.upstream import Upstream
-from dedupcall.errors import ConfigError, DedupError
+from dedupcall.errors import ConfigError, DedupError, RedisUnavailable
+from dedupcall.observer import Observer
 
 OUTCOMES = ("executed", "joined", "cached")
 START_TIMEOUT = 30.0  # seconds for every instance to connect
@@ -245,18 +248,31 @@ def main(opts: DemoOptions, *, as_json: bool = False) -> int:
         out.print(text, markup=False)
 
     try:
-        with (
-            Upstream(opts.delay) as up,
-            redis_url(opts.url, say) as url,
-            namespace(url, "demo", say) as ns,
-        ):
-            say(f"upstream: {up.url} ({opts.delay * 1000:.0f} ms per call); namespace {ns}")
-            result = asyncio.run(run(opts, out, url, ns, up))
-            report(result, out, as_json)
+        with Upstream(opts.delay) as up, redis_url(opts.url, say) as url:
+            asyncio.run(_reachable(url))
+            with namespace(url, "demo", say) as ns:
+                say(f"upstream: {up.url} ({opts.delay * 1000:.0f} ms per call); namespace {ns}")
+                result = asyncio.run(run(opts, out, url, ns, up))
+                report(result, out, as_json)
     except (NoRedis, ConfigError) as exc:
-        Console(stderr=True).print(f"[red]demo failed:[/] {exc}", markup=True)
+        _failed(str(exc))
         return 2
+    except RedisUnavailable as exc:
+        _failed(f"cannot reach {redact(opts.url or url_from_env() or 'Redis')}: {exc}")
+        return 3
+    except DedupError as exc:
+        _failed(str(exc))
+        return 1
     return 0 if result["ok"] else 1
+
+
+def _failed(message: str) -> None:
+    Console(stderr=True, highlight=False).print(f"[red]demo failed:[/] {escape(message)}")
+
+
+async def _reachable(url: str) -> None:
+    async with Observer(url, "demo") as observer:
+        await observer.get_queue_status()
 
 
 def report(result: dict[str, Any], out: Console, as_json: bool) -> None:

@@ -1,13 +1,15 @@
 """A Redis to run the demo and the examples on, and a namespace of their own.
 
 Where to find Redis, in order: ``--url``; ``REDIS_URL`` (or ``REDIS_HOST``...); a server
-answering on 127.0.0.1:6379; else an embedded server started for the run and stopped after.
+answering on 127.0.0.1:6379 (``DEDUPCALL_LOCAL_REDIS=host:port`` looks elsewhere, ``=none``
+not at all); else an embedded server started for the run and stopped after.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import sys
 import uuid
@@ -18,7 +20,7 @@ from dedupcall.embedded import EmbeddedServer
 from dedupcall.errors import DedupError, EngineNotFound
 from dedupcall.testing import purge
 
-LOCAL_URL = "redis://127.0.0.1:6379/0"
+LOCAL_ENV = "DEDUPCALL_LOCAL_REDIS"
 Say = Callable[[str], None]
 
 
@@ -50,9 +52,16 @@ def redis_url(url: str | None, say: Say = print) -> Iterator[str]:
         say(f"Redis: {redact(url)}")
         yield url
         return
-    if local_redis_answers():
-        say(f"Redis: {LOCAL_URL} (found running locally)")
-        yield LOCAL_URL
+    local = os.environ.get(LOCAL_ENV, "127.0.0.1:6379").strip()
+    host, _, port = local.rpartition(":")
+    if (
+        local.lower() not in ("", "none")
+        and port.isdigit()
+        and local_redis_answers(host, int(port))
+    ):
+        url = f"redis://{local}/0"
+        say(f"Redis: {url} (found running locally)")
+        yield url
         return
     server = EmbeddedServer()
     try:
