@@ -26,6 +26,7 @@ from dedupcall.errors import (
     WaitTimeout,
 )
 from dedupcall.models import InstanceInfo, QueueItem, QueueStatus, Result
+from dedupcall.observer import Observer
 from dedupcall.transport import AsyncDedupTransport, DedupTransport
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "FlightDropped",
     "InstanceInfo",
     "LeaseLost",
+    "Observer",
     "PathTemplateError",
     "QueueCleared",
     "QueueItem",

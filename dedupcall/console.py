@@ -38,8 +38,14 @@ def config_table(config: dict[str, Any], title: str = "config") -> Group:
 def items_table(items: list[dict[str, Any]], title: str = "flights") -> Group:
     table = Table()
     for name in ("state", "key", "kind", "priority", "attempts", "age", "executor", "waiters"):
-        table.add_column(name, justify="right" if name in ("priority", "attempts") else "left")
-    table.add_column("request id")
+        wide = name in ("key", "executor")
+        table.add_column(
+            name,
+            justify="right" if name in ("priority", "attempts", "waiters") else "left",
+            overflow="fold" if wide else "ellipsis",
+            no_wrap=not wide,
+        )
+    table.add_column("request id", overflow="fold")
     for item in items:
         table.add_row(
             item["state"],

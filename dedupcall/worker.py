@@ -93,7 +93,9 @@ class Worker:
         self._renew_task: asyncio.Task[None] | None = None
         self._wake_sweep = Wakeup()
         self._wake_renew = Wakeup()
-        self._idle = asyncio.Event()  # set when no attempt runs (what a drain waits for)
+        # Attempts running or still storing their outcome; a drain waits for none.
+        self._active = 0
+        self._idle = asyncio.Event()
         self._http: httpx.AsyncClient | None = None
         self._want_mine = True
         self.draining = False
@@ -106,10 +108,10 @@ class Worker:
         self._renew_task = loop.create_task(self._renew_loop(), name="dedupcall-renew")
 
     async def drain(self, timeout: float) -> None:
-        """Stop taking grants, let running attempts finish for ``timeout`` s, release the rest."""
+        """Stop taking grants, let running attempts finish (and store their outcome) for
+        ``timeout`` s, release the rest."""
         self.draining = True
-        if self._leases:
-            self._idle.clear()
+        if self._active:
             with contextlib.suppress(TimeoutError):
                 await within(self._idle.wait(), timeout)
         stopping = [
@@ -191,6 +193,18 @@ class Worker:
 
     async def execute(self, grant: Grant, attempt: Attempt) -> Finished:
         """Run one attempt under its lease, then complete or retry it (fenced by the token)."""
+        self._active += 1
+        self._idle.clear()
+        try:
+            return await self._execute(grant, attempt)
+        finally:
+            # Only now: a drain that stopped waiting between the attempt and its completion
+            # closed the connections under the completion, and the result was lost.
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
+
+    async def _execute(self, grant: Grant, attempt: Attempt) -> Finished:
         local = self.dedup._by_id.get(grant.request_id)
         lease = _Lease(grant, grant.lease_ms, asyncio.current_task())
         lease.key = local.key if local is not None else None
@@ -221,8 +235,6 @@ class Worker:
         finally:
             if self._leases.get(rid) is lease:
                 del self._leases[rid]
-            if not self._leases:
-                self._idle.set()
             for ident in {(rid, grant.token), (rid, lease.grant.token)}:
                 self._accepted.discard(ident)
                 self._finished[ident] = None

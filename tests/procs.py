@@ -78,12 +78,14 @@ class Proc:
             reader.join(timeout)
         return code, self.stdout, self.stderr
 
-    def wait_line(self, text: str, timeout: float = 30.0) -> str:
-        """Wait until a stdout line contains ``text`` (e.g. a "ready" marker); return it."""
+    def wait_line(self, text: str, timeout: float = 30.0, *, stderr: bool = False) -> str:
+        """Wait until a stdout (or ``stderr``) line contains ``text`` (e.g. a "ready"
+        marker); return it."""
         deadline = time.monotonic() + timeout
+        lines = self._stderr if stderr else self._lines
         with self._changed:
             while True:
-                for line in self._lines:
+                for line in lines:
                     if text in line:
                         return line.rstrip("\n")
                 left = deadline - time.monotonic()
