@@ -200,9 +200,12 @@ def serve_page(target: Target, host: str, port: int, token: str | None) -> None:
     server = uvicorn.Server(config)
 
     async def run() -> None:
-        await server.startup()
-        if server.should_exit:  # e.g. the port is taken: uvicorn said why
-            raise ConfigError(f"could not serve on {host}:{port}")
+        serving = asyncio.ensure_future(server.serve())
+        while not server.started:
+            if serving.done():  # e.g. the port is taken: uvicorn logged why
+                await serving
+                raise DedupError(f"could not serve on {host}:{port}")
+            await asyncio.sleep(0.02)
         bound = server.servers[0].sockets[0].getsockname()[1]
         mode = "controls enabled" if token else "read-only"
         click.echo(
@@ -210,8 +213,7 @@ def serve_page(target: Target, host: str, port: int, token: str | None) -> None:
             "Ctrl-C stops",
             err=target.as_json,
         )
-        await server.main_loop()
-        await server.shutdown()
+        await serving
 
     asyncio.run(run())
 
