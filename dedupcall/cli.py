@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -178,12 +179,17 @@ def status(target: Target, serve: int | None, host: str, token: str | None) -> N
 
 
 def serve_page(target: Target, host: str, port: int, token: str | None) -> None:
-    """Serve ``status_app`` with uvicorn until SIGINT/SIGTERM."""
+    """Serve ``status_app`` with uvicorn until SIGINT/SIGTERM (a clean stop, exit 0)."""
     import uvicorn
     from starlette.applications import Starlette
     from starlette.routing import Mount
 
     from dedupcall.asgi import status_app
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield  # ours, below: uvicorn's re-raises the signal after a graceful stop
 
     observer = target.observer()
 
@@ -194,28 +200,44 @@ def serve_page(target: Target, host: str, port: int, token: str | None) -> None:
         finally:
             await observer.aclose()
 
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise DedupError(f"could not serve on {host}:{port}: {exc.strerror or exc}") from None
     page = status_app(observer, control_token=token)
     app = Starlette(routes=[Mount("/", page)], lifespan=lifespan)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
+    server = Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+
+    def stop() -> None:
+        server.force_exit = server.should_exit  # a second signal: don't wait for requests
+        server.should_exit = True
 
     async def run() -> None:
-        serving = asyncio.ensure_future(server.serve())
-        while not server.started:
-            if serving.done():  # e.g. the port is taken: uvicorn logged why
-                await serving
-                raise DedupError(f"could not serve on {host}:{port}")
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop)
+        serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+        while not server.started and not serving.done():
             await asyncio.sleep(0.02)
-        bound = server.servers[0].sockets[0].getsockname()[1]
+        if not server.started:
+            with contextlib.suppress(SystemExit):  # uvicorn exits on a failed startup
+                await serving
+            raise DedupError(f"could not serve on {host}:{port}")
         mode = "controls enabled" if token else "read-only"
         click.echo(
-            f"status page of namespace {target.namespace} at http://{host}:{bound}/ ({mode}); "
-            "Ctrl-C stops",
+            f"status page of namespace {target.namespace} at "
+            f"http://{host}:{sock.getsockname()[1]}/ ({mode}); Ctrl-C stops",
             err=target.as_json,
         )
         await serving
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        sock.close()
 
 
 # --- items -------------------------------------------------------------------------------

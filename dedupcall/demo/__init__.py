@@ -20,7 +20,14 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from dedupcall.config import redact, url_from_env
@@ -142,21 +149,16 @@ async def run(
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
+    passes = []
     with Progress(*columns, console=console, transient=False) as progress:
-        with_task = progress.add_task("with dedupcall", total=total)
-        with_dedup = await run_pass(
-            {**spec, "dedup": True},
-            opts.instances,
-            lambda n: progress.update(with_task, completed=n),
-            up,
-        )
-        without_task = progress.add_task("without", total=total)
-        without = await run_pass(
-            {**spec, "dedup": False},
-            opts.instances,
-            lambda n: progress.update(without_task, completed=n),
-            up,
-        )
+        for label, dedup in (("with dedupcall", True), ("without", False)):
+            task = progress.add_task(label, total=total)
+
+            def advance(n: int, task: TaskID = task) -> None:
+                progress.update(task, completed=n)
+
+            passes.append(await run_pass({**spec, "dedup": dedup}, opts.instances, advance, up))
+    with_dedup, without = passes
     return summary(opts, with_dedup, without)
 
 
