@@ -211,7 +211,8 @@ class Worker:
         self._leases[grant.request_id] = lease
         self._wake_renew.set()
         rid = grant.request_id
-        self._event(events.GRANTED, grant, lease.key)
+        if grant.kind != "request":  # a queued request's key is known once its payload is read
+            self._event(events.GRANTED, grant, lease.key)
         started = time.perf_counter()
         try:
             try:
@@ -313,6 +314,7 @@ class Worker:
         lease = self._leases.get(grant.request_id)
         if lease is not None:
             lease.key = key
+        self._event(events.GRANTED, grant, key)
         fields: dict[str, Any] = {
             "request_id": grant.request_id,
             "key": key,

@@ -227,8 +227,10 @@ async def test_worker_runs_queued_requests_and_drains_on_sigterm(
     seen = [e.get("event") for e in events]
     # Drained: the request it was running finished after the signal, before the exit.
     assert seen == ["ready", "granted", "stopping", "executed", "stopped"]
-    executed = next(e for e in events if e.get("event") == "executed")
-    assert (executed["request_id"], executed["key"], executed["attempt"]) == (rid, "/slow", 1)
+    for event in ("granted", "executed"):
+        record = next(e for e in events if e.get("event") == event)
+        assert (record["request_id"], record["key"], record["attempt"]) == (rid, "/slow", 1)
+        assert record["instance_id"] == item.executor
     await closing
     with pytest.raises(DedupError, match="stopped before it finished"):
         await blocker.task  # the submitter closed while its blocker ran
