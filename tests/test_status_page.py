@@ -142,7 +142,7 @@ async def test_serve_on_a_taken_port_or_without_redis_fails_cleanly(
 async def test_page_in_a_real_browser_shows_a_queued_flight_and_a_live_instance(
     spawn: Spawner, make_dedup: Callable[..., Dedup], redis_url: str, namespace: str
 ) -> None:
-    from playwright.async_api import async_playwright
+    from playwright.async_api import async_playwright, expect
 
     dedup = make_dedup()
     await dedup.start()
@@ -175,14 +175,20 @@ async def test_page_in_a_real_browser_shows_a_queued_flight_and_a_live_instance(
             assert await page.locator("#controls").is_visible()  # a token was given
             await page.screenshot(path=str(ARTIFACTS / "status_page.png"), full_page=True)
 
+            # It refreshes itself: a flight queued after the page loaded shows up.
+            later = asyncio.create_task(dedup.call("/later", lambda: asyncio.sleep(0, result=2)))
+            await flights.get_by_text("/later").wait_for(timeout=10_000)
+            assert await queued.inner_text() == "2"
+
             # Clear from the page: the confirm dialog is accepted, the queued call fails.
             page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
             await page.fill("#token", TOKEN)
             await page.click("#clear")
-            await page.locator("#message").get_by_text("removed 1 flight(s)").wait_for()
-            with pytest.raises(dedupcall.QueueCleared):
-                await waiting
-            await page.locator(".state.queued").wait_for(state="detached", timeout=10_000)
+            await page.locator("#message").get_by_text("removed 2 flight(s)").wait_for()
+            for cleared in (waiting, later):
+                with pytest.raises(dedupcall.QueueCleared):
+                    await cleared
+            await expect(page.locator(".state.queued")).to_have_count(0, timeout=10_000)
             assert errors == []
         finally:
             await browser.close()
