@@ -16,7 +16,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dedupcall import codec, events, status
 from dedupcall.aio import within
@@ -50,6 +50,9 @@ from dedupcall.models import Grant, QueueItem, QueueStatus, Result
 from dedupcall.notifier import Notifier
 from dedupcall.store import Store
 from dedupcall.worker import Attempt, Worker
+
+if TYPE_CHECKING:
+    from dedupcall.otel import Tracing
 
 log = logging.getLogger("dedupcall")
 
@@ -89,6 +92,7 @@ class Dedup:
         self.config = Config().with_values(**config)
         self.instance_id = _new_instance_id()
         self.metrics = Metrics()
+        self.tracing: Tracing | None = None  # dedupcall.otel.instrument() sets it
         self._local: dict[tuple[str, str], LocalFlight] = {}
         self._by_id: dict[str, LocalFlight] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -418,6 +422,29 @@ class Dedup:
         flight; joiners build nothing. Returns the ``Result`` (its ``outcome`` set for this
         caller) and, for the caller whose process executed it, the original exception.
         """
+        tracing = self.tracing
+        if tracing is not None:
+            return await tracing.call(
+                lambda: self._run_flight(
+                    kind, key, make_attempt, priority, ttl, timeout, cache_failures
+                ),
+                kind,
+                codec.readable_key(key),
+            )
+        return await self._run_flight(
+            kind, key, make_attempt, priority, ttl, timeout, cache_failures
+        )
+
+    async def _run_flight(
+        self,
+        kind: str,
+        key: str | bytes,
+        make_attempt: Callable[[str], Attempt],
+        priority: int,
+        ttl: float | None,
+        timeout: float | None,
+        cache_failures: bool,
+    ) -> tuple[Result, BaseException | None]:
         validate_call(priority, ttl, timeout)
         started = time.perf_counter()
         text = codec.readable_key(key)

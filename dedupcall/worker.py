@@ -196,7 +196,12 @@ class Worker:
         self._active += 1
         self._idle.clear()
         try:
-            return await self._execute(grant, attempt)
+            tracing = self.dedup.tracing
+            if tracing is None:
+                return await self._execute(grant, attempt)
+            local = self.dedup._by_id.get(grant.request_id)
+            key = local.key if local is not None else None
+            return await tracing.execute(lambda: self._execute(grant, attempt), grant, key)
         finally:
             # Only now: a drain that stopped waiting between the attempt and its completion
             # closed the connections under the completion, and the result was lost.
