@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import click
+from redis import exceptions as redis_exceptions
 from rich.console import Console
 
 from dedupcall import console as show
@@ -83,20 +84,25 @@ def fail(code: int, message: str, *, as_json: bool, kind: str = "Error") -> NoRe
 @contextlib.contextmanager
 def handled(url: str | None, as_json: bool) -> Iterator[None]:
     """Turn our errors into a one-line message and an exit code (no traceback)."""
-    where = redact(url) if url else "Redis"
     try:
         yield
     except RedisUnavailable as exc:
-        fail(
-            EXIT_UNAVAILABLE,
-            f"cannot reach {where}: {exc}",
-            as_json=as_json,
-            kind="RedisUnavailable",
-        )
+        where = redact(url) if url else "Redis"
+        cause = exc.__cause__
+        if isinstance(cause, redis_exceptions.AuthenticationError):
+            fail(EXIT_USAGE, f"{where} refused the credentials: {cause}", as_json=as_json,
+                 kind="AuthenticationError")  # fmt: skip
+        if isinstance(cause, redis_exceptions.ResponseError):  # reached, but it said no
+            fail(EXIT_FAILED, f"{where} refused a command: {cause}", as_json=as_json,
+                 kind="RedisError")  # fmt: skip
+        message = f"cannot reach {where}: {exc}"
+        fail(EXIT_UNAVAILABLE, message, as_json=as_json, kind="RedisUnavailable")
     except ConfigError as exc:
         fail(EXIT_USAGE, str(exc), as_json=as_json, kind="ConfigError")
     except DedupError as exc:
         fail(EXIT_FAILED, str(exc), as_json=as_json, kind=type(exc).__name__)
+    except click.Abort:  # a prompt got no answer (stdin closed) or Ctrl-C
+        fail(EXIT_FAILED, "aborted", as_json=as_json, kind="Aborted")
 
 
 def with_target(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -227,9 +233,10 @@ def serve_page(target: Target, host: str, port: int, token: str | None) -> None:
                 await serving
             raise DedupError(f"could not serve on {host}:{port}")
         mode = "controls enabled" if token else "read-only"
+        shown = f"[{host}]" if ":" in host else host
         click.echo(
             f"status page of namespace {target.namespace} at "
-            f"http://{host}:{sock.getsockname()[1]}/ ({mode}); Ctrl-C stops",
+            f"http://{shown}:{sock.getsockname()[1]}/ ({mode}); Ctrl-C stops",
             err=target.as_json,
         )
         await serving
@@ -266,7 +273,7 @@ def clear(target: Target, yes: bool) -> None:
             f"at {redact(target.url)}?"
         )
         if not click.confirm(question, err=True):
-            fail(EXIT_FAILED, "not cleared", as_json=target.as_json, kind="Aborted")
+            fail(EXIT_FAILED, "not cleared", as_json=target.as_json, kind="Declined")
     removed = observe(target, lambda o: o.clear_queue())
     if target.as_json:
         click.echo(json.dumps({"removed": removed}))
@@ -358,11 +365,12 @@ def worker(target: Target, drain_timeout: float | None, log_level: str) -> None:
             extra={"instance_id": dedup.instance_id, "event": "ready"},
         )
         await stop.wait()
-        log.info("dedupcall worker stopping: draining", extra={"event": "stopping"})
+        iid = {"instance_id": dedup.instance_id}
+        log.info("dedupcall worker stopping: draining", extra={"event": "stopping", **iid})
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)  # a second signal stops at once
         await dedup.aclose(drain_timeout=drain_timeout)
-        log.info("dedupcall worker stopped", extra={"event": "stopped"})
+        log.info("dedupcall worker stopped", extra={"event": "stopped", **iid})
 
     asyncio.run(run())
 

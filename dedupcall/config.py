@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
+from redis.asyncio.connection import parse_url
+
 from dedupcall.errors import ConfigError
 
 #: Settings stored in Redis and shared by every instance of a namespace.
@@ -154,9 +156,12 @@ def parse_env_value(name: str, text: str, label: str | None = None) -> Any:
     if name not in {f.name for f in fields(Config)}:
         raise ConfigError(f"unknown config option {name!r}")
     default = getattr(Config(), name)
+    # Typed by a person (the CLI, the status page): only "none" lifts the limit; the
+    # environment keeps accepting "" and "0" for it as well.
+    unlimited = ("none",) if label else ("", "none", "0")
     try:
         if name == "max_concurrent":
-            return None if text.strip().lower() in ("", "none", "0") else int(text)
+            return None if text.strip().lower() in unlimited else int(text)
         if isinstance(default, int) and not isinstance(default, bool):
             return int(text)
         return float(text)
@@ -198,7 +203,10 @@ SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
 
 def check_url(url: str) -> str:
     """Validate a Redis URL's scheme (and a Sentinel URL's shape); return it unchanged."""
-    scheme = urlsplit(url).scheme if isinstance(url, str) else None
+    try:
+        scheme = urlsplit(url).scheme if isinstance(url, str) else None
+    except ValueError as exc:
+        raise ConfigError(f"malformed Redis URL {redact(url)!r}: {exc}") from None
     if scheme not in SCHEMES:
         raise ConfigError(
             f"Redis URL must start with one of {', '.join(s + '://' for s in SCHEMES)}, "
@@ -206,6 +214,17 @@ def check_url(url: str) -> str:
         )
     if scheme.endswith("+sentinel"):
         parse_sentinel_url(url)
+        return url
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is out of range or not a number
+        path = parts.path.strip("/")
+        if scheme != "unix" and path and not path.isdigit():
+            raise ValueError(f"the database must be a number, got {path!r}")
+        # redis-py's own parsing, so a bad query option fails here, not at the first call.
+        parse_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"malformed Redis URL {redact(url)!r}: {exc}") from None
     return url
 
 
@@ -213,8 +232,12 @@ SECRET_PARAMS = ("password", "sentinel_password")
 
 
 def redact(url: str) -> str:
-    """The URL with every password (in the address or the query) replaced by ``***``."""
-    parts = urlsplit(url)
+    """The URL with every password (in the address or the query) replaced by ``***``;
+    a URL too malformed to parse shows only its scheme."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.split("://", 1)[0] + "://***" if "://" in url else "***"
     auth, at, hosts = parts.netloc.rpartition("@")
     if at and ":" in auth:
         parts = parts._replace(netloc=f"{auth.split(':', 1)[0]}:***@{hosts}")

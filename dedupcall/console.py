@@ -1,5 +1,6 @@
 """Rich tables of the CLI: status, flights, config. Takes ``report`` views; no I/O but
-printing."""
+printing. Every value is a ``Text`` with control characters escaped: keys and ids come
+from callers, and must never be read as rich markup or reach the terminal as escapes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,17 @@ from rich.table import Table
 from rich.text import Text
 
 from dedupcall.metrics import COUNTERS
+
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
+
+
+def cell(value: Any) -> Text:
+    """``value`` as plain text: no markup, control characters shown as ``\\xNN``."""
+    return Text("-" if value is None else str(value).translate(_CONTROL))
+
+
+def _row(table: Table, *values: Any) -> None:
+    table.add_row(*(cell(v) for v in values))
 
 
 def _seconds(value: float) -> str:
@@ -23,7 +35,7 @@ def _ms(value: float | None) -> str:
 
 
 def _titled(title: str, table: Table) -> Group:
-    return Group(Text(title, style="bold"), table)
+    return Group(Text(title.translate(_CONTROL), style="bold"), table)
 
 
 def config_table(config: dict[str, Any], title: str = "config") -> Group:
@@ -31,7 +43,7 @@ def config_table(config: dict[str, Any], title: str = "config") -> Group:
     table.add_column("setting")
     table.add_column("value", justify="right")
     for name, value in config.items():
-        table.add_row(name, "none" if value is None else str(value))
+        _row(table, name, "none" if value is None else value)
     return _titled(title, table)
 
 
@@ -47,15 +59,16 @@ def items_table(items: list[dict[str, Any]], title: str = "flights") -> Group:
         )
     table.add_column("request id", overflow="fold")
     for item in items:
-        table.add_row(
+        _row(
+            table,
             item["state"],
             item["key"],
             item["kind"],
-            str(item["priority"]),
-            str(item["attempts"]),
+            item["priority"],
+            item["attempts"],
             _seconds(item["age"]),
-            item["executor"] or "-",
-            str(item["waiters"]),
+            item["executor"],
+            item["waiters"],
             item["request_id"],
         )
     return _titled(f"{title} ({len(items)})", table)
@@ -66,9 +79,10 @@ def status_group(view: dict[str, Any], url: str) -> Group:
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
-    head.add_row("namespace", view["namespace"])
-    head.add_row("redis", url)
-    head.add_row(
+    _row(head, "namespace", view["namespace"])
+    _row(head, "redis", url)
+    _row(
+        head,
         "queue",
         f"{view['queue_length']} queued, {view['running']} running, {view['delayed']} delayed",
     )
@@ -78,10 +92,11 @@ def status_group(view: dict[str, Any], url: str) -> Group:
         instances.add_column(name, justify="right")
     for info in view["instances"]:
         stats = info["stats"]
-        instances.add_row(
+        _row(
+            instances,
             info["id"],
             f"{_seconds(info['last_seen'])} ago",
-            *(str(stats.get(k, 0)) for k in ("executed", "joined", "cached", "failed")),
+            *(stats.get(k, 0) for k in ("executed", "joined", "cached", "failed")),
             _ms(info["wait_p50"]),
             _ms(info["wait_p99"]),
         )
@@ -92,7 +107,7 @@ def status_group(view: dict[str, Any], url: str) -> Group:
     cells = [(name, str(view["totals"][name])) for name in COUNTERS]
     for row in range(0, len(cells), 4):
         chunk = [part for cell in cells[row : row + 4] for part in cell]
-        counters.add_row(*chunk)
+        _row(counters, *chunk)
     return Group(
         head,
         Text(),

@@ -470,6 +470,9 @@ class Dedup:
             raise WaitTimeout(
                 f"no result for {text!r} within {timeout} s", request_id=lf.request_id
             ) from None
+        except DedupError:
+            self.count("failed")  # no result at all (the Dedup closed, Redis lost it)
+            raise
         finally:
             lf.waiters -= 1
             if lf.waiters == 0 and not lf.future.done():
@@ -522,7 +525,9 @@ class Dedup:
             if lf.request_id is not None and self._by_id.get(lf.request_id) is lf:
                 del self._by_id[lf.request_id]
 
-    def _log_submit(self, verdict: str, rid: str, proposed: str, key: str) -> None:
+    def _log_submit(
+        self, verdict: str, rid: str, proposed: str, key: str, *, each_call: bool = False
+    ) -> None:
         event = (
             events.CACHED
             if verdict == "cached"
@@ -530,7 +535,10 @@ class Dedup:
             if rid == proposed
             else events.JOINED
         )
-        events.flight_event(event, self.instance_id, request_id=rid, key=key)
+        # A flight's local callers share one submit, so a join logs once per process; a
+        # queued request submits per call, so its joins are per call: DEBUG, like hits.
+        level = logging.DEBUG if each_call and event == events.JOINED else None
+        events.flight_event(event, self.instance_id, request_id=rid, key=key, level=level)
 
     async def _wait_done(self, lf: LocalFlight, rid: str) -> str:
         """Wait for ``rid`` to finish: resolved, abandoned (every caller left) or vanished."""
@@ -712,11 +720,13 @@ class Dedup:
                 request_id=rid,
                 api_path=text,
             )
+        # Counted apart from calls: a queued request's caller waits (if at all) through
+        # wait_for_result, so it has no outcome or wait of its own here.
         if verdict == "cached":
-            self.count("cached")
+            self.count("queued_cached")
         else:  # a grant of an existing flight (ours, running) is a join too
-            self.count("queued" if rid == proposed else "joined")
-        self._log_submit(verdict, rid, proposed, text)
+            self.count("queued" if rid == proposed else "queued_joined")
+        self._log_submit(verdict, rid, proposed, text, each_call=True)
         if verdict == "granted":
             self.worker.on_grant(Grant.from_reply([rid, *reply[2:5], "request", lf.digest]))
         return rid
@@ -756,6 +766,7 @@ class Dedup:
                 if deadline is not None:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
+                        self.count("timeouts")
                         raise WaitTimeout(
                             f"no result for request {request_id} within {timeout} s",
                             request_id=request_id,
@@ -822,8 +833,10 @@ class Dedup:
     def stats(self) -> dict[str, Any]:
         """This instance's numbers, as written beside its heartbeat.
 
-        Counters: calls ``executed``, ``joined``, ``cached`` and ``failed`` (by how each
-        caller got its result); ``queued`` requests; ``executions``, ``retries``,
+        Counters: calls ``executed``, ``joined``, ``cached`` (by how each caller got its
+        result) and ``failed``; queued requests (``add_*_request``) that opened a flight
+        (``queued``), joined one (``queued_joined``) or were answered from the cache
+        (``queued_cached``); ``executions``, ``retries``,
         ``failures`` and ``lease_lost`` of its worker; ``timeouts`` of its waiters;
         ``reconnects`` of its subscriber connection; ``bypassed`` and ``passed_through``
         of the entry points. Histograms (``{"count", "sum", "counts"}`` over

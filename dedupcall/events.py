@@ -42,9 +42,11 @@ def flight_event(
     key: str | None = None,
     attempt: int | None = None,
     detail: str = "",
+    level: int | None = None,
 ) -> None:
-    """Log one flight event at its level (nothing is formatted when that level is off)."""
-    level = LEVELS[event]
+    """Log one flight event at its level, or ``level`` (nothing is formatted when that
+    level is off)."""
+    level = LEVELS[event] if level is None else level
     if not log.isEnabledFor(level):
         return
     fields = {

@@ -21,6 +21,8 @@ COUNTERS = (
     "cached",
     "failed",
     "queued",
+    "queued_joined",
+    "queued_cached",
     "executions",
     "retries",
     "failures",

@@ -24,6 +24,9 @@ from dedupcall.keys import KeySpace
 from dedupcall.models import QueueItem, QueueStatus
 from dedupcall.store import Store
 
+# Not this process's DEDUPCALL_* values: an observer shows the namespace, not itself.
+DEFAULT_SHARED = Config().shared()
+
 
 class Observer:
     """A read-and-steer client of one namespace (``async with Observer(url, ns) as o``).
@@ -57,8 +60,8 @@ class Observer:
 
     async def get_queue_status(self) -> QueueStatus:
         """Queue length, running and delayed counts, live instances with their numbers,
-        and the shared config (defaults where the namespace has set none)."""
-        return await status.queue_status(self.store, self.config.shared())
+        and the shared config (the library's defaults where the namespace has set none)."""
+        return await status.queue_status(self.store, DEFAULT_SHARED)
 
     async def get_queue_items(self, limit: int | None = None) -> list[QueueItem]:
         """Unfinished flights (at most ``limit`` per state): running, queued, delayed."""
@@ -74,7 +77,7 @@ class Observer:
 
     async def shared_config(self) -> dict[str, Any]:
         """The namespace's shared config: what Redis holds, defaults for the rest."""
-        return {**self.config.shared(), **decode_shared(await self.store.shared_config())}
+        return {**DEFAULT_SHARED, **decode_shared(await self.store.shared_config())}
 
     async def update_config(self, **values: Any) -> None:
         """Change shared config for every instance; invalid values raise ``ConfigError``

@@ -42,6 +42,8 @@ _COUNTERS = {
     "dedupcall_failures": ("failures", "Flights whose final attempt here failed"),
     "dedupcall_lease_lost": ("lease_lost", "Attempts whose lease lapsed before completing"),
     "dedupcall_queued": ("queued", "Queued HTTP requests that opened a new flight"),
+    "dedupcall_queued_joined": ("queued_joined", "Queued HTTP requests that joined a flight"),
+    "dedupcall_queued_cached": ("queued_cached", "Queued HTTP requests answered from cache"),
     "dedupcall_timeouts": ("timeouts", "Callers whose wait ran out"),
     "dedupcall_reconnects": ("reconnects", "Reconnections of the subscriber connection"),
     "dedupcall_bypassed": ("bypassed", "Calls sent straight upstream while Redis was down"),

@@ -111,6 +111,9 @@ class Worker:
         """Stop taking grants, let running attempts finish (and store their outcome) for
         ``timeout`` s, release the rest."""
         self.draining = True
+        # A grant taken just before the drain may have its attempt spawned but not yet
+        # started (so not counted in _active): let such tasks take their first step.
+        await asyncio.sleep(0)
         if self._active:
             with contextlib.suppress(TimeoutError):
                 await within(self._idle.wait(), timeout)
@@ -253,7 +256,11 @@ class Worker:
         except RedisUnavailable as exc:
             # Not stored: other holders re-execute after the lease. Our own callers still
             # get what we computed (a final outcome), or the Redis error (a retryable one).
-            log.warning("dedupcall could not store a result: %s", exc, extra={"request_id": rid})
+            log.warning(
+                "dedupcall could not store a result: %s",
+                exc,
+                extra={"request_id": rid, "instance_id": self.dedup.instance_id},
+            )
             if outcome.retryable:
                 return Finished(error=exc)
             return Finished(
@@ -400,7 +407,9 @@ class Worker:
                         wait = min(wait, ms / 1000 + 0.002)
             except RedisUnavailable as exc:
                 self._want_mine = True
-                log.warning("dedupcall sweep failed: %s", exc)
+                log.warning(
+                    "dedupcall sweep failed: %s", exc, extra={"instance_id": self.dedup.instance_id}
+                )
             # Spread instances' sweeps so they don't all hit Redis at the same instant.
             await self._wake_sweep.sleep(max(0.001, wait * random.uniform(0.9, 1.0)))
 
@@ -430,7 +439,11 @@ class Worker:
             try:
                 lease_ms, lost_ids = await self.store.renew([grant for _, grant in sent])
             except RedisUnavailable as exc:
-                log.warning("dedupcall lease renewal failed: %s", exc)
+                log.warning(
+                    "dedupcall lease renewal failed: %s",
+                    exc,
+                    extra={"instance_id": self.dedup.instance_id},
+                )
                 continue
             for lease, grant in sent:
                 if lease.grant is not grant:

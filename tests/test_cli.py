@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis.asyncio
 
 from dedup_fixtures import hold_slot
 from dedupcall import Dedup, DedupError, Observer
@@ -234,3 +235,80 @@ async def test_worker_runs_queued_requests_and_drains_on_sigterm(
     await closing
     with pytest.raises(DedupError, match="stopped before it finished"):
         await blocker.task  # the submitter closed while its blocker ran
+
+
+async def test_keys_are_shown_as_text_never_as_markup_or_escapes(
+    make_dedup: Callable[..., Dedup], redis_url: str, namespace: str
+) -> None:
+    dedup = make_dedup()
+    await dedup.start()
+    await dedup.update_config(max_concurrent=1)
+    blocker = await hold_slot(dedup, key="/run[/bold]")  # unbalanced markup: once a crash
+    nasty = "[red]RED[/red] \x1b[31mansi\x1b[0m"
+    waiting = asyncio.create_task(dedup.call(nasty, lambda: asyncio.sleep(0, result=1)))
+    while (await dedup.get_queue_status()).queue_length == 0:
+        await asyncio.sleep(0.01)
+    out = await run("items", "--url", redis_url, "-n", namespace, env={"COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    assert "/run[/bold]" in out.stdout
+    assert "[red]RED[/red] \\x1b[31mansi\\x1b[0m" in out.stdout  # escaped, not interpreted
+    assert "\x1b" not in out.stdout
+    await blocker.release()
+    assert await waiting == 1
+
+
+async def test_redis_that_answers_but_refuses_is_not_unreachable(
+    redis_url: str, namespace: str
+) -> None:
+    from dedupcall.keys import KeySpace
+
+    client = redis.asyncio.Redis.from_url(redis_url)
+    await client.set(KeySpace(namespace).queue, "not a sorted set")
+    try:
+        wrong_type = await run("status", "--url", redis_url, "-n", namespace)
+    finally:
+        await client.delete(KeySpace(namespace).queue)
+        await client.aclose()
+    assert wrong_type.returncode == 1, wrong_type.stderr
+    assert "refused a command" in wrong_type.stderr and "WRONGTYPE" in wrong_type.stderr
+    bad_login = redis_url.replace("redis://", "redis://bob:wrong@")
+    denied = await run("status", "--url", bad_login)
+    assert denied.returncode == 2 and "refused the credentials" in denied.stderr
+    assert "wrong" not in denied.stderr  # the password is redacted
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:99999/0",
+        "redis://127.0.0.1:abc/0",
+        "redis://127.0.0.1:6379/abc",
+        "redis://127.0.0.1:6379/0?socket_timeout=abc",
+        "redis://[::1",
+    ],
+)
+def test_malformed_urls_are_usage_errors(url: str) -> None:
+    for command in (["status"], ["demo"]):
+        out = cli(*command, "--url", url)
+        assert out.returncode == 2, (command, out.stdout, out.stderr)
+        assert "Redis URL" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_clear_without_an_answer_is_a_json_refusal_with_json(
+    redis_url: str, namespace: str
+) -> None:
+    out = cli("clear", "--json", "--url", redis_url, "-n", namespace)  # stdin: empty
+    assert out.returncode == 1
+    assert json.loads(out.stdout) == {"error": "Aborted", "message": "aborted"}
+
+
+def test_max_concurrent_is_lifted_only_by_an_explicit_none(redis_url: str, namespace: str) -> None:
+    target = ("--url", redis_url, "-n", namespace)
+    for text in ("max_concurrent=0", "max_concurrent="):
+        out = cli("config", "set", text, *target)
+        assert out.returncode == 2, (text, out.stderr)
+    assert ok_json(cli("config", "get", "--json", *target))["max_concurrent"] == 100
+    assert (
+        ok_json(cli("config", "set", "max_concurrent=None", "--json", *target))["max_concurrent"]
+        is None
+    )

@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
+import sys
+import time
 from typing import Any
 
 import pytest
 import redis
 
 from dedupcall.embedded import EmbeddedServer
+from procs import REPO_ROOT
 from runs import assert_namespace_removed, no_redis_env, run_python
 
 SMALL = ["--instances", "3", "--calls", "40", "--keys", "4", "--delay", "0.05"]
@@ -127,3 +131,58 @@ def test_demo_against_an_unreachable_redis_fails_cleanly(redis_server: EmbeddedS
     assert out.returncode == 3, out.stdout + out.stderr
     assert "cannot reach" in out.stderr and "Traceback" not in out.stderr
     assert demo_processes() == []
+
+
+def test_fewer_calls_than_keys_is_still_one_execution_per_key_called(redis_url: str) -> None:
+    out = demo("--instances", "2", "--calls", "2", "--keys", "5", "--delay", "0.02",
+               "--url", redis_url, "--json")  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout)
+    assert result["keys_called"] == 2 and result["with_dedup"]["upstream_executions"] == 2
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    from dedupcall.demo import percentile
+
+    assert percentile([0.001, 0.002, 0.003, 0.004], 0.5) == 2.0
+    assert percentile([i / 1000 for i in range(1, 101)], 0.99) == 99.0
+    assert percentile([0.005], 0.99) == 5.0 and percentile([], 0.5) is None
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            return file.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_sigterm_stops_every_process_and_deletes_the_namespace(
+    redis_server: EmbeddedServer,
+) -> None:
+    # Logged in with a password: it must not show on any process's command line (ps).
+    with redis.Redis.from_url(redis_server.url) as admin:
+        admin.execute_command("ACL", "SETUSER", "demo", "on", ">s3cret-pw", "~*", "&*", "+@all")
+    url = f"redis://demo:s3cret-pw@127.0.0.1:{redis_server.port}/0"
+    argv = [sys.executable, "-m", "dedupcall", "demo", "--instances", "3", "--calls", "20",
+            "--keys", "2", "--delay", "30", "--url", url]  # fmt: skip
+    proc = subprocess.Popen(
+        argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(instances := demo_processes()) < 3:  # every instance is up and calling
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        assert not any("s3cret" in cmdline(pid) for pid in instances)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        with redis.Redis.from_url(redis_server.url) as admin:
+            admin.execute_command("ACL", "DELUSER", "demo")
+    assert proc.returncode == 130, stdout + stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert demo_processes() == []
+    assert_namespace_removed(redis_server.url, stdout)

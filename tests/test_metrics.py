@@ -8,8 +8,9 @@ from collections.abc import Callable
 
 import pytest
 
-from dedupcall import CallFailed, Dedup
+from dedupcall import CallFailed, Dedup, DedupError, WaitTimeout
 from dedupcall.metrics import BUCKETS, Histogram, quantile
+from upstream import Upstream
 
 
 async def test_counters_and_histograms_match_a_known_workload(dedup: Dedup) -> None:
@@ -146,3 +147,38 @@ async def test_prometheus_collector_exports_this_process(dedup: Dedup) -> None:
     assert f'dedupcall_wait_seconds_count{{{label},outcome="joined"}} 3.0' in text
     assert f'dedupcall_execution_seconds_bucket{{{label},le="+Inf"}} 1.0' in text
     assert f'dedupcall_execution_seconds_bucket{{{label},le="0.001"}} 0.0' in text
+
+
+async def test_queued_requests_and_every_timeout_are_counted_apart_from_calls(
+    dedup: Dedup, upstream: Upstream
+) -> None:
+    url = f"{upstream.url}/value/q"
+    rid = await dedup.add_get_request("/q", f"{url}?delay=0.2")
+    assert await dedup.add_get_request("/q", f"{url}?delay=0.2") == rid  # joined
+    await dedup.wait_for_result(rid, timeout=5)
+    await dedup.add_get_request("/q", f"{url}?delay=0.2")  # answered from the cache
+    slow = await dedup.add_get_request("/slow", f"{upstream.url}/value/slow?delay=0.5")
+    with pytest.raises(WaitTimeout):
+        await dedup.wait_for_result(slow, timeout=0.05)
+    with pytest.raises(WaitTimeout):
+        await dedup.call("/t", lambda: asyncio.sleep(0.5), timeout=0.05)
+    stats = dedup.stats()
+    queued = {k: stats[k] for k in ("queued", "queued_joined", "queued_cached")}
+    assert queued == {"queued": 2, "queued_joined": 1, "queued_cached": 1}
+    assert stats["timeouts"] == 2
+    # Calls by outcome and their wait histograms count the same calls (none finished here).
+    for outcome in ("executed", "joined", "cached"):
+        assert stats[outcome] == stats["wait_seconds"][outcome]["count"] == 0
+
+
+async def test_a_call_that_ends_without_a_result_counts_as_failed(
+    make_dedup: Callable[..., Dedup],
+) -> None:
+    dedup = make_dedup()
+    task = asyncio.create_task(dedup.call("/forever", lambda: asyncio.sleep(30)))
+    while (await dedup.get_flight_by_key("/forever")) is None:
+        await asyncio.sleep(0.01)
+    await dedup.aclose(drain_timeout=0.05)
+    with pytest.raises(DedupError):
+        await task
+    assert dedup.stats()["failed"] == 1

@@ -160,6 +160,10 @@ async def test_page_in_a_real_browser_shows_a_queued_flight_and_a_live_instance(
             page = await browser.new_page(viewport={"width": 1280, "height": 900})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on(
+                "console",
+                lambda msg: errors.append(msg.text) if msg.type == "error" else None,
+            )
             await page.goto(base)
             flights = page.locator("#flights")
             # The key is shown as text, never as markup (no <b> element appears).

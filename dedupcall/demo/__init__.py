@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -30,7 +32,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from dedupcall.config import redact, url_from_env
+from dedupcall.config import redact
 from dedupcall.demo.local import NoRedis, namespace, redis_url
 from dedupcall.demo.upstream import Upstream
 from dedupcall.errors import ConfigError, DedupError, RedisUnavailable
@@ -73,15 +75,18 @@ class RunResult:
 
 async def _child(spec: dict[str, Any]) -> asyncio.subprocess.Process:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return await asyncio.create_subprocess_exec(
+    proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "dedupcall.demo.instance",
-        json.dumps(spec),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         env=env,
     )
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(spec).encode() + b"\n")  # not in argv: ps shows argv
+    await proc.stdin.drain()
+    return proc
 
 
 async def _message(proc: asyncio.subprocess.Process, timeout: float) -> dict[str, Any]:
@@ -167,7 +172,8 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+    rank = max(1, math.ceil(q * len(ordered)))  # the smallest value with q of them at or below
+    return ordered[rank - 1] * 1000
 
 
 def summary(opts: DemoOptions, with_dedup: RunResult, without: RunResult) -> dict[str, Any]:
@@ -201,7 +207,9 @@ def summary(opts: DemoOptions, with_dedup: RunResult, without: RunResult) -> dic
             "seconds": without.seconds,
             "latency": {"direct": latency(without.latencies.get("direct", []))},
         },
-        "ok": with_dedup.hits == opts.keys,
+        # Fewer calls per instance than keys call only that many of them.
+        "keys_called": min(opts.keys, opts.calls),
+        "ok": with_dedup.hits == min(opts.keys, opts.calls),
     }
 
 
@@ -242,34 +250,49 @@ def table(result: dict[str, Any]) -> tuple[Table, Table]:
 
 
 def main(opts: DemoOptions, *, as_json: bool = False) -> int:
-    """Run the demo; 0 when the upstream ran once per key, 1 when not, 2 when it could
-    not run (no Redis, a bad URL). With ``as_json``, only the summary goes to stdout."""
-    out = Console(stderr=as_json, highlight=False)
+    """Run the demo; 0 when the upstream ran once per key, 1 when not (or it failed), 2
+    when it could not run (no Redis, a bad URL), 3 when Redis is unreachable, 130 when
+    interrupted (Ctrl-C, SIGTERM: every process it started is stopped, its keys deleted).
+    With ``as_json``, only the summary (or the error) goes to stdout, as JSON."""
+    out = Console(stderr=as_json, highlight=False, soft_wrap=True)
+    where = "Redis"
 
     def say(text: str) -> None:
         out.print(text, markup=False)
 
+    def failed(code: int, kind: str, message: str) -> int:
+        if as_json:
+            print(json.dumps({"error": kind, "message": message}))
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
+            f"[red]demo failed:[/] {escape(message)}"
+        )
+        return code
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with Upstream(opts.delay) as up, redis_url(opts.url, say) as url:
+            where = redact(url)
             asyncio.run(_reachable(url))
             with namespace(url, "demo", say) as ns:
                 say(f"upstream: {up.url} ({opts.delay * 1000:.0f} ms per call); namespace {ns}")
                 result = asyncio.run(run(opts, out, url, ns, up))
                 report(result, out, as_json)
     except (NoRedis, ConfigError) as exc:
-        _failed(str(exc))
-        return 2
+        return failed(2, type(exc).__name__, str(exc))
     except RedisUnavailable as exc:
-        _failed(f"cannot reach {redact(opts.url or url_from_env() or 'Redis')}: {exc}")
-        return 3
+        return failed(3, "RedisUnavailable", f"cannot reach {where}: {exc}")
     except DedupError as exc:
-        _failed(str(exc))
-        return 1
+        return failed(1, type(exc).__name__, str(exc))
+    except KeyboardInterrupt:
+        return failed(130, "Interrupted", "interrupted; stopped its processes")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0 if result["ok"] else 1
 
 
-def _failed(message: str) -> None:
-    Console(stderr=True, highlight=False).print(f"[red]demo failed:[/] {escape(message)}")
+def _interrupt(signum: int, frame: object) -> None:
+    # SIGTERM unwinds like Ctrl-C, so every context above stops what it started.
+    raise KeyboardInterrupt
 
 
 async def _reachable(url: str) -> None:
@@ -287,4 +310,4 @@ def report(result: dict[str, Any], out: Console, as_json: bool) -> None:
         out.print(part)
     hits = result["with_dedup"]["upstream_executions"]
     word = "[green]OK[/]" if result["ok"] else "[red]UNEXPECTED[/]"
-    out.print(f"{word}: {hits} upstream executions for {result['keys']} distinct keys")
+    out.print(f"{word}: {hits} upstream executions for {result['keys_called']} distinct keys")

@@ -1,10 +1,12 @@
-"""One demo instance, a process of its own: ``python -m dedupcall.demo.instance SPEC``.
+"""One demo instance, a process of its own: ``python -m dedupcall.demo.instance``.
 
-SPEC is JSON: ``redis``, ``namespace``, ``upstream``, ``keys``, ``calls``, ``dedup``. The
+Its first stdin line is the spec, JSON (on stdin, not argv: the Redis URL may hold a
+password): ``redis``, ``namespace``, ``upstream``, ``keys``, ``calls``, ``dedup``. The
 instance fires ``calls`` GETs over ``keys`` through an ``httpx.AsyncClient`` (on an
 ``AsyncDedupTransport`` when ``dedup`` is true): half at once, the rest after those
 finished. It talks to the demo over its pipes, one JSON object per line: ``{"ready": id}``
-once connected, then it waits for a line on stdin (every instance starts together),
+once connected, then it waits for a line on stdin (every instance starts together; an
+end of input means the demo is gone, and it exits),
 ``{"done": n}`` as calls finish, and last ``{"latencies": {outcome: [seconds, ...]}}``.
 """
 
@@ -54,14 +56,19 @@ async def fire(client: httpx.AsyncClient, spec: dict[str, Any]) -> dict[str, lis
     return latencies
 
 
+async def go() -> bool:
+    """Wait for the demo's start signal; False when its end of the pipe closed."""
+    return bool(await asyncio.to_thread(sys.stdin.readline))
+
+
 async def main(spec: dict[str, Any]) -> None:
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     timeout = httpx.Timeout(60.0)
     if not spec["dedup"]:
         async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
             emit({"ready": "direct"})
-            await asyncio.to_thread(sys.stdin.readline)
-            emit({"latencies": await fire(client, spec)})
+            if await go():
+                emit({"latencies": await fire(client, spec)})
         return
     async with Dedup(spec["redis"], namespace=spec["namespace"]) as dedup:
         transport = AsyncDedupTransport(
@@ -69,10 +76,13 @@ async def main(spec: dict[str, Any]) -> None:
         )
         async with httpx.AsyncClient(transport=transport, timeout=timeout) as client:
             emit({"ready": dedup.instance_id})
-            await asyncio.to_thread(sys.stdin.readline)
+            if not await go():
+                return
             latencies = await fire(client, spec)
         emit({"latencies": latencies, "stats": dedup.stats()})
 
 
 if __name__ == "__main__":
-    asyncio.run(main(json.loads(sys.argv[1])))
+    line = sys.stdin.readline()
+    if line:
+        asyncio.run(main(json.loads(line)))
