@@ -255,7 +255,9 @@ def items(target: Target, limit: int) -> None:
     """Running, queued and delayed flights: key, priority, attempts, age, executor."""
     found = observe(target, lambda o: o.get_queue_items(limit=limit))
     data = [report.item_view(i) for i in found]
-    emit(target, data, show.items_table(data, f"flights of namespace {target.namespace}"))
+    wide = Console().width >= 120
+    title = f"flights of namespace {target.namespace}"
+    emit(target, data, show.items_table(data, title, wide=wide))
 
 
 # --- clear -------------------------------------------------------------------------------
@@ -350,6 +352,18 @@ def worker(target: Target, drain_timeout: float | None, log_level: str) -> None:
     install(logging.getLevelName(log_level.upper()), as_json=target.as_json)
     log = logging.getLogger("dedupcall")
 
+    def stop_now(sig: signal.Signals, instance_id: str) -> None:
+        # A second signal: exit at once, like an unhandled one (128 + its number). Its
+        # running flights are handed on when their lease runs out, as after a crash.
+        log.warning(
+            "dedupcall worker stopped at once by a second %s; running flights are handed "
+            "on when their lease expires",
+            sig.name,
+            extra={"event": "killed", "instance_id": instance_id},
+        )
+        logging.shutdown()
+        os._exit(128 + sig)
+
     async def run() -> None:
         dedup = Dedup(target.url, namespace=target.namespace, **target.config)
         stop = asyncio.Event()
@@ -365,10 +379,10 @@ def worker(target: Target, drain_timeout: float | None, log_level: str) -> None:
             extra={"instance_id": dedup.instance_id, "event": "ready"},
         )
         await stop.wait()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # before saying so: no signal lost
+            loop.add_signal_handler(sig, stop_now, sig, dedup.instance_id)
         iid = {"instance_id": dedup.instance_id}
         log.info("dedupcall worker stopping: draining", extra={"event": "stopping", **iid})
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)  # a second signal stops at once
         await dedup.aclose(drain_timeout=drain_timeout)
         log.info("dedupcall worker stopped", extra={"event": "stopped", **iid})
 

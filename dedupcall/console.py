@@ -47,30 +47,30 @@ def config_table(config: dict[str, Any], title: str = "config") -> Group:
     return _titled(title, table)
 
 
-def items_table(items: list[dict[str, Any]], title: str = "flights") -> Group:
+def items_table(items: list[dict[str, Any]], title: str = "flights", *, wide: bool = True) -> Group:
+    """The flights; not ``wide`` (a narrow terminal) leaves out kind and request id."""
+    columns = ["state", "key", "kind", "priority", "attempts", "age", "executor", "waiters"]
+    if wide:
+        columns.append("request id")
+    else:
+        columns.remove("kind")
     table = Table()
-    for name in ("state", "key", "kind", "priority", "attempts", "age", "executor", "waiters"):
-        wide = name in ("key", "executor")
+    for name in columns:
+        folds = name in ("key", "executor", "request id")
         table.add_column(
             name,
             justify="right" if name in ("priority", "attempts", "waiters") else "left",
-            overflow="fold" if wide else "ellipsis",
-            no_wrap=not wide,
+            overflow="fold" if folds else "ellipsis",
+            no_wrap=not folds,
+            min_width=12 if name == "key" else None,
         )
-    table.add_column("request id", overflow="fold")
     for item in items:
-        _row(
-            table,
-            item["state"],
-            item["key"],
-            item["kind"],
-            item["priority"],
-            item["attempts"],
-            _seconds(item["age"]),
-            item["executor"],
-            item["waiters"],
-            item["request_id"],
-        )
+        values = {
+            **item,
+            "age": _seconds(item["age"]),
+            "request id": item["request_id"],
+        }
+        _row(table, *(values[name] for name in columns))
     return _titled(f"{title} ({len(items)})", table)
 
 

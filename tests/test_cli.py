@@ -189,12 +189,14 @@ def test_help_and_version() -> None:
     assert cli("nope").returncode == 2
 
 
+@pytest.mark.parametrize("signals", [1, 2])
 async def test_worker_runs_queued_requests_and_drains_on_sigterm(
     spawn: Spawner,
     make_dedup: Callable[..., Dedup],
     redis_url: str,
     namespace: str,
     upstream: Upstream,
+    signals: int,
 ) -> None:
     worker = spawn.module(
         "dedupcall", "worker", "--json", "--url", redis_url, "--namespace", namespace,
@@ -218,6 +220,16 @@ async def test_worker_runs_queued_requests_and_drains_on_sigterm(
             await asyncio.sleep(0.01)
     assert item.executor is not None and item.executor.split(":")[1] == str(worker.pid)
     worker.kill(signal.SIGTERM)  # mid-request: it must finish it before exiting
+    if signals == 2:  # ...unless told twice: then it stops at once, as 128 + SIGTERM
+        await asyncio.to_thread(worker.wait_line, '"event": "stopping"', 30, stderr=True)
+        worker.kill(signal.SIGTERM)
+        code, _, stderr = await asyncio.to_thread(worker.wait, 30)
+        assert code == 128 + signal.SIGTERM, stderr
+        assert '"event": "killed"' in stderr and "Traceback" not in stderr
+        await closing
+        with pytest.raises(DedupError, match="stopped before it finished"):
+            await blocker.task
+        return
     code, _, stderr = await asyncio.to_thread(worker.wait, 30)
     assert code == 0, stderr
     result = await make_dedup().wait_for_result(rid, timeout=5)

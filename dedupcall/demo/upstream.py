@@ -4,6 +4,7 @@ the examples'."""
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections import Counter
@@ -38,6 +39,11 @@ class Upstream(ThreadingHTTPServer):
         with self.lock:
             hits = sorted((what, n) for what, n in self.hits.items() if what.startswith(prefix))
         return ", ".join(f"{what} x{n}" for what, n in hits)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A caller that went away (the demo interrupted, a timeout) is not an error here.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
     def __enter__(self) -> Upstream:
         threading.Thread(target=self.serve_forever, daemon=True).start()
