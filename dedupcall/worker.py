@@ -199,12 +199,12 @@ class Worker:
         self._active += 1
         self._idle.clear()
         try:
+            local = self.dedup._by_id.get(grant.request_id)
+            key = local.key if local is not None else None  # a queued request's: read later
             tracing = self.dedup.tracing
             if tracing is None:
-                return await self._execute(grant, attempt)
-            local = self.dedup._by_id.get(grant.request_id)
-            key = local.key if local is not None else None
-            return await tracing.execute(lambda: self._execute(grant, attempt), grant, key)
+                return await self._execute(grant, attempt, key)
+            return await tracing.execute(lambda: self._execute(grant, attempt, key), grant, key)
         finally:
             # Only now: a drain that stopped waiting between the attempt and its completion
             # closed the connections under the completion, and the result was lost.
@@ -212,10 +212,8 @@ class Worker:
             if not self._active:
                 self._idle.set()
 
-    async def _execute(self, grant: Grant, attempt: Attempt) -> Finished:
-        local = self.dedup._by_id.get(grant.request_id)
-        lease = _Lease(grant, grant.lease_ms, asyncio.current_task())
-        lease.key = local.key if local is not None else None
+    async def _execute(self, grant: Grant, attempt: Attempt, key: str | None) -> Finished:
+        lease = _Lease(grant, grant.lease_ms, asyncio.current_task(), key=key)
         self._leases[grant.request_id] = lease
         self._wake_renew.set()
         rid = grant.request_id

@@ -36,6 +36,15 @@ def no_redis_env(**extra: str) -> dict[str, str]:
     return {**env, "DEDUPCALL_LOCAL_REDIS": "none", **extra}
 
 
+def cmdline(pid: int) -> str:
+    """The command line of a running process ("" when there is none with that pid)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            return file.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def assert_namespace_removed(url: str, stdout: str) -> None:
     """The run said it deleted its namespace, and no key of it is left."""
     cleanup = re.search(r"cleanup: deleted the \d+ Redis keys of namespace (\S+)", stdout)

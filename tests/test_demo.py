@@ -17,7 +17,7 @@ import redis
 
 from dedupcall.embedded import EmbeddedServer
 from procs import REPO_ROOT
-from runs import assert_namespace_removed, no_redis_env, run_python
+from runs import assert_namespace_removed, cmdline, no_redis_env, run_python
 
 SMALL = ["--instances", "3", "--calls", "40", "--keys", "4", "--delay", "0.05"]
 
@@ -28,16 +28,8 @@ def demo(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 def demo_processes() -> list[int]:
     """Pids of demo instance processes still running (there must be none after a run)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as file:
-                    if b"dedupcall.demo.instance" in file.read():
-                        found.append(int(entry))
-            except OSError:
-                continue
-    return found
+    pids = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+    return [pid for pid in pids if "dedupcall.demo.instance" in cmdline(pid)]
 
 
 def test_demo_table_adds_up(redis_url: str) -> None:
@@ -149,14 +141,6 @@ def test_percentiles_are_nearest_rank() -> None:
     assert percentile([0.001, 0.002, 0.003, 0.004], 0.5) == 2.0
     assert percentile([i / 1000 for i in range(1, 101)], 0.99) == 99.0
     assert percentile([0.005], 0.99) == 5.0 and percentile([], 0.5) is None
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as file:
-            return file.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def test_sigterm_stops_every_process_and_deletes_the_namespace(

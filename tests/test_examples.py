@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from dedupcall.embedded import ENGINE_ENV_VAR
-from runs import assert_namespace_removed, no_redis_env, run_python
+from runs import assert_namespace_removed, cmdline, no_redis_env, run_python
 
 # Long enough an upstream delay that 30 threads are all waiting before the first answer.
 SMALL = ["--calls", "30", "--keys", "3", "--delay", "0.2"]
@@ -30,15 +30,6 @@ def ok_run(out: subprocess.CompletedProcess[str], redis_url: str, last_line: str
     assert out.stdout.splitlines()[-1] == last_line, out.stdout
     assert_namespace_removed(redis_url, out.stdout)
     return out.stdout
-
-
-def cmdline(pid: int) -> str:
-    """The command line of a running process ("" when there is none with that pid)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as file:
-            return file.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def test_decorator_example_runs_each_function_once_per_key(redis_url: str) -> None:
