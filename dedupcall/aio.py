@@ -10,10 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import TypeVar
 
 T = TypeVar("T")
+
+#: Set by the worker around each attempt it runs. The attempt calls ``pin(True)`` while it
+#: waits on work that cannot be stopped (a sync function in a thread) and ``pin(False)``
+#: after: a drain waits for a pinned attempt however long it takes, its lease renewed,
+#: instead of handing back a flight whose function still runs.
+attempt_pin: ContextVar[Callable[[bool], None] | None] = ContextVar(
+    "dedupcall_attempt_pin", default=None
+)
 
 
 async def within(awaitable: Awaitable[T], timeout: float | None) -> T:

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from dedupcall.aio import attempt_pin
 from dedupcall.errors import DedupError, WaitTimeout
 
 if TYPE_CHECKING:
@@ -209,6 +210,16 @@ class SyncBridge:
 
     # --- loop side -----------------------------------------------------------------
     async def _run_in(self, opener: _Caller) -> Any:
+        pin = attempt_pin.get()
+        if pin is not None:
+            pin(True)  # a thread cannot be stopped: no drain hands this flight back
+        try:
+            return await self._hand_to_thread(opener)
+        finally:
+            if pin is not None:
+                pin(False)
+
+    async def _hand_to_thread(self, opener: _Caller) -> Any:
         loop = asyncio.get_running_loop()
         while True:
             job = _Job(loop.create_future())

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
+from urllib.parse import unquote_plus
 
 from dedupcall.errors import SerializationError
 
@@ -35,23 +38,71 @@ def loads(raw: bytes | str) -> Any:
 
 
 def readable_key(key: str | bytes) -> str:
-    """The key as text for humans; bytes that are not UTF-8 are escaped, not lost."""
+    """The key as text for humans; bytes that are not UTF-8 are escaped, not lost. Text
+    that is not valid Unicode (a lone surrogate) is the caller's ``SerializationError``."""
     if isinstance(key, bytes):
         return key.decode("utf-8", "backslashreplace")
     if not isinstance(key, str):
         raise SerializationError(f"a key must be str or bytes, got {type(key).__name__}")
+    if not key.isascii():
+        try:
+            key.encode()
+        except UnicodeEncodeError as exc:
+            raise SerializationError(
+                f"key {key[:80]!r} is not valid Unicode text ({exc.reason} at position "
+                f"{exc.start}); pass bytes for binary keys"
+            ) from None
     return key
 
 
-def key_digest(kind: str, key: str | bytes) -> str:
-    """Fixed-length name part for a key: the three kinds never share a flight."""
-    raw = key if isinstance(key, bytes) else readable_key(key).encode("utf-8", "surrogatepass")
+def key_digest(kind: str, key: str | bytes, partition: str = "") -> str:
+    """Fixed-length name part for a key: the three kinds never share a flight, nor two
+    partitions (a transport's credentials) of one key."""
+    raw = key if isinstance(key, bytes) else readable_key(key).encode()
+    if partition:
+        raw += b"\x00" + partition.encode()
     return hashlib.sha256(kind.encode() + b"\x00" + raw).hexdigest()[:32]
 
 
 def digest(data: bytes) -> str:
-    """A short digest of bytes (bodies, credentials): never the secret itself."""
+    """A short digest of bytes (bodies): never the bytes themselves."""
     return hashlib.sha256(data).hexdigest()[:32]
+
+
+def credential_digest(
+    headers: Iterable[tuple[str, str]], names: Collection[str], secret: str | None
+) -> str:
+    """A keyed digest of the credential-bearing headers among ``headers`` (``names``,
+    lower-case), ``""`` when there are none. Keyed with ``secret`` where one is configured,
+    so a short API key cannot be recovered by guessing from what Redis holds."""
+    found = sorted(
+        ((name.lower(), value) for name, value in headers if name.lower() in names),
+        key=lambda item: item[0],  # repeated names keep their order
+    )
+    if not found:
+        return ""
+    data = "\n".join(f"{name}:{value}" for name, value in found)
+    key = secret.encode() if secret else b"dedupcall credentials"
+    mac = hmac.new(key, data.encode("utf-8", "surrogateescape"), hashlib.sha256)
+    return mac.hexdigest()[:32]
+
+
+_QUERY_ITEM = re.compile(r"([?&;])([^=&;#\s]+)=([^&;#\s]*)")
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/@:\s]*):([^/@\s]+)@")
+
+
+def redact_secrets(text: str, names: Collection[str]) -> str:
+    """``text`` with the values of secret query parameters (``names``, compared without
+    case) and URL passwords replaced by ``***``: what readable keys, logs, the status page
+    and stored records show."""
+    if "=" not in text and "@" not in text:
+        return text  # the hot path: nothing that could hold a secret
+
+    def hide(match: re.Match[str]) -> str:
+        name = unquote_plus(match[2]).lower()
+        return f"{match[1]}{match[2]}=***" if name in names else match[0]
+
+    return _USERINFO.sub(r"\1:***@", _QUERY_ITEM.sub(hide, text))
 
 
 def result_record(
@@ -118,13 +169,11 @@ def body_bytes(body: Mapping[str, Any] | None) -> bytes:
     return dumps(body["json"], what="the request body")
 
 
-def request_fingerprint(
-    method: str, url: str, headers: Mapping[str, str], body: Mapping[str, Any] | None
-) -> str:
-    """What makes two queued requests "the same request" for the conflict check."""
-    auth = next((v for k, v in headers.items() if k.lower() == "authorization"), "")
-    parts = [method.upper(), url, digest(body_bytes(body)), digest(auth.encode())]
-    return digest("\x00".join(parts).encode())
+def request_fingerprint(method: str, url: str, body: Mapping[str, Any] | None) -> str:
+    """What makes two queued requests "the same request" for the conflict check, besides
+    their credentials (``credential_digest``), which are compared apart: never waived."""
+    parts = [method.upper(), url, digest(body_bytes(body))]
+    return digest("\x00".join(parts).encode("utf-8", "surrogateescape"))
 
 
 def encode_request(

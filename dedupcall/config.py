@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
@@ -18,31 +19,121 @@ from redis.asyncio.connection import parse_url
 from dedupcall.errors import ConfigError
 
 #: Settings stored in Redis and shared by every instance of a namespace.
-SHARED_FIELDS = ("max_concurrent", "max_retries", "retry_delay", "lock_timeout", "result_ttl")
+SHARED_FIELDS = (
+    "max_concurrent",
+    "max_retries",
+    "retry_delay",
+    "lock_timeout",
+    "result_ttl",
+    "retention",
+)
 
 #: Priorities are packed with a FIFO sequence into one exact double (< 2**53).
 PRIORITY_LIMIT = 1_000_000
 
+#: Request headers that carry credentials. Requests whose values differ never share an
+#: answer; only a keyed digest of them ever reaches Redis, and none reaches a readable key.
+CREDENTIAL_HEADERS = (
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "x-api-key",
+    "x-auth-token",
+    "x-amz-security-token",
+)
+
+#: URL query parameters whose values are secrets: shown as ``***`` in readable keys, logs,
+#: the status page, the CLI and stored records (the key's digest still tells them apart).
+SECRET_PARAMS = (
+    "api_key",
+    "apikey",
+    "key",
+    "token",
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "auth",
+    "signature",
+    "sig",
+    "password",
+    "passwd",
+    "secret",
+    "client_secret",
+    "x-amz-signature",
+    "x-amz-security-token",
+    "x-goog-signature",
+)
+
+DAY = 86_400.0
+YEAR = 365 * DAY
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric setting may take. Every ms value derived from them stays far
+    below 10**14, so Lua prints it as plain digits (never ``1e+14``)."""
+
+    low: float
+    high: float
+    integer: bool = False
+
+
+#: The one table of limits: Python validates every write against it, and the Lua scripts
+#: read shared settings from Redis through the same table (``scripts.py`` renders it), so
+#: what status reports is what the scripts enforce.
+BOUNDS: dict[str, Bounds] = {
+    "max_concurrent": Bounds(1, 1_000_000, integer=True),  # None (stored as 0): no limit
+    "max_retries": Bounds(0, 1000, integer=True),
+    "retry_delay": Bounds(0, 3600),
+    "lock_timeout": Bounds(0.05, DAY),
+    "result_ttl": Bounds(0.001, YEAR),
+    "retention": Bounds(0.001, YEAR),
+    "execution_timeout": Bounds(0.001, 7 * DAY),
+    "drain_timeout": Bounds(0.001, DAY),
+    "heartbeat_interval": Bounds(0.01, 60),
+    "poll_interval": Bounds(0.01, 3600),
+    "max_connections": Bounds(2, 10_000, integer=True),
+    "socket_timeout": Bounds(0.001, 3600),
+    "timeout": Bounds(0.001, YEAR),  # a caller's wait
+    "refresh": Bounds(0.1, 3600),  # the status page's refresh
+}
+
+#: How a shared setting is written in Redis: plain digits, as both sides parse them.
+_STORED_NUMBER = re.compile(r"[0-9]{1,16}(\.[0-9]{1,6})?")
+
 
 @dataclass(frozen=True)
 class Config:
-    """Validated settings of one ``Dedup``. Seconds are floats; ``None`` means no limit."""
+    """Validated settings of one ``Dedup``. Seconds are floats; ``None`` means no limit.
+
+    ``credential_headers`` and ``secret_params`` name what is never shown or shared;
+    ``key_secret`` keys the digest of credentials (never printed).
+    """
 
     max_concurrent: int | None = 100
     max_retries: int = 3
     retry_delay: float = 1.0
     lock_timeout: float = 30.0
     result_ttl: float = 3600.0
-    execution_timeout: float = 60.0
     retention: float = 3600.0
+    execution_timeout: float = 60.0
     drain_timeout: float = 10.0
     heartbeat_interval: float = 1.0
     poll_interval: float = 2.0
     max_connections: int = 32
     socket_timeout: float = 5.0
+    credential_headers: tuple[str, ...] = CREDENTIAL_HEADERS
+    secret_params: tuple[str, ...] = SECRET_PARAMS
+    key_secret: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        validate(asdict(self))
+        for name in ("credential_headers", "secret_params"):
+            object.__setattr__(self, name, _names(name, getattr(self, name)))
+        if self.key_secret is not None and (
+            not isinstance(self.key_secret, str) or len(self.key_secret) < 16
+        ):
+            raise ConfigError("key_secret must be a string of at least 16 characters")
+        validate({f.name: getattr(self, f.name) for f in fields(self) if f.name in BOUNDS})
 
     def with_values(self, **values: Any) -> Config:
         """Return a copy with ``values`` applied (validated)."""
@@ -56,34 +147,41 @@ class Config:
         return {name: getattr(self, name) for name in SHARED_FIELDS}
 
 
-def _positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name} must be a number of seconds, got {value!r}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+def _names(what: str, value: Any) -> tuple[str, ...]:
+    """A collection of header or parameter names, lower-cased; else ``ConfigError``."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (tuple, list, set, frozenset)) or not all(
+        isinstance(v, str) and v and v.isascii() and v.isprintable() for v in value
+    ):
+        raise ConfigError(f"{what} must be a collection of names, got {value!r}")
+    return tuple(sorted({v.lower() for v in value}))
 
 
 def validate(values: Mapping[str, Any]) -> None:
-    """Raise ``ConfigError`` unless every given setting is valid."""
+    """Raise ``ConfigError`` unless every given numeric setting is within ``BOUNDS``."""
     for name, value in values.items():
-        if name == "max_concurrent":
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise ConfigError(f"max_concurrent must be an int >= 1 or None, got {value!r}")
-        elif name == "max_retries":
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1000:
-                raise ConfigError(f"max_retries must be an int in 0..1000, got {value!r}")
-        elif name == "max_connections":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-                raise ConfigError(f"max_connections must be an int >= 2, got {value!r}")
-        elif name == "retry_delay":
-            _positive(name, value, allow_zero=True)
-        else:
-            _positive(name, value)
-    lease = values.get("lock_timeout")
-    if lease is not None and lease < 0.05:
-        raise ConfigError(f"lock_timeout must be at least 0.05 s, got {lease!r}")
+        bounds = BOUNDS.get(name)
+        if bounds is None:
+            raise ConfigError(f"unknown numeric setting {name!r}")
+        if name == "max_concurrent" and value is None:
+            continue
+        kind = "an int" if bounds.integer else "a number of seconds"
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int if bounds.integer else (int, float))
+            or not math.isfinite(value)
+            or not bounds.low <= value <= bounds.high
+        ):
+            extra = " or None" if name == "max_concurrent" else ""
+            raise ConfigError(
+                f"{name} must be {kind} in {_num(bounds.low)}..{_num(bounds.high)}{extra}, "
+                f"got {value!r}"
+            )
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 def validate_priority(priority: Any) -> int:
@@ -106,37 +204,50 @@ def validate_call(priority: Any, ttl: Any, timeout: Any) -> None:
 
 
 def encode_shared(values: Mapping[str, Any]) -> dict[str, str]:
-    """Shared settings as Redis hash fields (``max_concurrent=None`` is stored as 0)."""
+    """Shared settings as Redis hash fields: plain digits, at most 6 decimals
+    (``max_concurrent=None`` is stored as 0)."""
     out = {}
     for name, value in values.items():
         if name == "max_concurrent":
             out[name] = str(value or 0)
-        elif name == "max_retries":
+        elif BOUNDS[name].integer:
             out[name] = str(int(value))
         else:
-            out[name] = repr(float(value))
+            out[name] = f"{float(value):.6f}".rstrip("0").rstrip(".")
     return out
 
 
-def decode_shared(raw: Mapping[Any, Any]) -> dict[str, Any]:
-    """Inverse of ``encode_shared``; fields that fail to parse are skipped (defaults apply)."""
+def decode_field(name: str, raw: Any) -> Any:
+    """One stored shared setting, read by the rules the scripts use (``BOUNDS``); raises
+    ``ConfigError`` when it is missing or malformed (the scripts then refuse to run)."""
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
+    if not isinstance(text, str) or not _STORED_NUMBER.fullmatch(text):
+        raise ConfigError(f"shared setting {name} is stored as {text!r}, not a number")
+    bounds = BOUNDS[name]
+    if name == "max_concurrent" and text == "0":
+        return None
+    if bounds.integer:
+        if "." in text:
+            raise ConfigError(f"shared setting {name} is stored as {text!r}, not an int")
+        value: Any = int(text)
+    else:
+        value = float(text)
+    validate({name: value})
+    return value
+
+
+def decode_shared(raw: Mapping[Any, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The valid shared settings in a config hash read from Redis, and the names of those
+    missing or malformed there (which the scripts refuse to run without)."""
+    by_name = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
     out: dict[str, Any] = {}
-    for key, value in raw.items():
-        name = key.decode() if isinstance(key, bytes) else key
-        text = value.decode() if isinstance(value, bytes) else value
-        if name not in SHARED_FIELDS:
-            continue
+    bad = []
+    for name in SHARED_FIELDS:
         try:
-            if name == "max_concurrent":
-                out[name] = int(text) or None
-            elif name == "max_retries":
-                out[name] = int(text)
-            else:
-                out[name] = float(text)
-            validate({name: out[name]})
-        except (ValueError, ConfigError):
-            out.pop(name, None)
-    return out
+            out[name] = decode_field(name, by_name.get(name))
+        except ConfigError:
+            bad.append(name)
+    return out, bad
 
 
 def check_shared(values: Mapping[str, Any]) -> None:
@@ -155,6 +266,10 @@ def parse_env_value(name: str, text: str, label: str | None = None) -> Any:
     names where it came from) by the type of its field."""
     if name not in {f.name for f in fields(Config)}:
         raise ConfigError(f"unknown config option {name!r}")
+    if name in ("credential_headers", "secret_params"):
+        return _names(name, text)
+    if name == "key_secret":
+        return text
     default = getattr(Config(), name)
     # Typed by a person (the CLI, the status page): only "none" lifts the limit; the
     # environment keeps accepting "" and "0" for it as well.
@@ -228,7 +343,7 @@ def check_url(url: str) -> str:
     return url
 
 
-SECRET_PARAMS = ("password", "sentinel_password")
+URL_SECRET_PARAMS = ("password", "sentinel_password")
 
 
 def redact(url: str) -> str:
@@ -241,7 +356,7 @@ def redact(url: str) -> str:
     auth, at, hosts = parts.netloc.rpartition("@")
     if at and ":" in auth:
         parts = parts._replace(netloc=f"{auth.split(':', 1)[0]}:***@{hosts}")
-    query = [(k, "***" if k in SECRET_PARAMS else v) for k, v in parse_qsl(parts.query)]
+    query = [(k, "***" if k in URL_SECRET_PARAMS else v) for k, v in parse_qsl(parts.query)]
     return urlunsplit(parts._replace(query="&".join(f"{k}={v}" for k, v in query)))
 
 

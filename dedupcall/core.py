@@ -192,7 +192,9 @@ class Dedup:
         self._ready = True
 
     async def _connect(self) -> None:
-        self.store = Store(self.url, self.keys, self.instance_id, self.config)
+        self.store = Store(
+            self.url, self.keys, self.instance_id, self.config, seed=self._seed_values
+        )
         self.worker = Worker(self)
         self._notifier = Notifier(
             self.store.subscriber,
@@ -203,7 +205,7 @@ class Dedup:
             on_resubscribe=self._on_resubscribe,
         )
         shared = await self.store.init(encode_shared(self.config.shared()), self.worker.info())
-        self._apply_shared(decode_shared(shared))
+        self._apply_shared(decode_shared(shared)[0])
         self._notifier.start()
         try:
             await within(
@@ -296,10 +298,17 @@ class Dedup:
             self._check_loop()
 
     # --- config and notifications ------------------------------------------------------
+    def _seed_values(self) -> tuple[dict[str, str], bytes]:
+        # After Redis lost its data: the last shared config seen here (an operator's
+        # update_config included), not this object's constructor values.
+        return encode_shared(self.config.shared()), self.worker.info()
+
     def _apply_shared(self, values: dict[str, Any]) -> None:
         changed = {k: v for k, v in values.items() if getattr(self.config, k) != v}
         if changed:
             self.config = self.store.config = self.config.with_values(**changed)
+            if "lock_timeout" in changed:
+                self.worker.lease_changed()  # renew at the new pace now, not the old one
 
     def _on_control(self, message: str) -> None:
         if message == "config" and self._ready:
@@ -307,7 +316,7 @@ class Dedup:
 
     async def _reload_config(self) -> None:
         with contextlib.suppress(RedisUnavailable):
-            self._apply_shared(decode_shared(await self.store.shared_config()))
+            self._apply_shared(decode_shared(await self.store.shared_config())[0])
 
     async def _on_resubscribe(self) -> None:
         # Anything finished or granted while we were unsubscribed: look again.
@@ -341,6 +350,7 @@ class Dedup:
             ttl_ms=lf.ttl_ms,
             cache_failures=lf.cache_failures,
             fingerprint=lf.fingerprint,
+            credentials=lf.credentials,
             on_conflict=lf.on_conflict,
             payload=lf.payload,
             may_grant=not self.worker.draining,
@@ -414,26 +424,34 @@ class Dedup:
         ttl: float | None = None,
         timeout: float | None = None,
         cache_failures: bool = False,
+        partition: str = "",
     ) -> tuple[Result, BaseException | None]:
         """Take part in the flight of (``kind``, ``key``): the building block of ``call``
         and of the entry points, which bring their own attempt.
 
         ``make_attempt(readable_key)`` is called only when this process opens a new local
-        flight; joiners build nothing. Returns the ``Result`` (its ``outcome`` set for this
-        caller) and, for the caller whose process executed it, the original exception.
+        flight; joiners build nothing. ``partition`` (e.g. a digest of credentials) keeps
+        callers of one key apart without showing in the readable key. Returns the
+        ``Result`` (its ``outcome`` set for this caller) and, for callers in the process
+        that executed it, the original exception.
         """
         tracing = self.tracing
         if tracing is not None:
             return await tracing.call(
                 lambda: self._run_flight(
-                    kind, key, make_attempt, priority, ttl, timeout, cache_failures
+                    kind, key, make_attempt, priority, ttl, timeout, cache_failures, partition
                 ),
                 kind,
-                codec.readable_key(key),
+                self.shown_key(key),
             )
         return await self._run_flight(
-            kind, key, make_attempt, priority, ttl, timeout, cache_failures
+            kind, key, make_attempt, priority, ttl, timeout, cache_failures, partition
         )
+
+    def shown_key(self, key: str | bytes) -> str:
+        """``key`` as readable keys, logs, the status page and stored records show it:
+        secret query parameters and URL passwords redacted."""
+        return codec.redact_secrets(codec.readable_key(key), self.config.secret_params)
 
     async def _run_flight(
         self,
@@ -444,12 +462,13 @@ class Dedup:
         ttl: float | None,
         timeout: float | None,
         cache_failures: bool,
+        partition: str,
     ) -> tuple[Result, BaseException | None]:
         validate_call(priority, ttl, timeout)
         started = time.perf_counter()
-        text = codec.readable_key(key)
+        text = self.shown_key(key)
         await self._ensure()
-        slot = (kind, codec.key_digest(kind, key))
+        slot = (kind, codec.key_digest(kind, key, partition))
         lf = self._local.get(slot)
         if lf is not None and lf.future.done():
             lf = None  # finished; its driver has not cleaned up yet. Ask Redis afresh.
@@ -480,7 +499,8 @@ class Dedup:
         outcome = lf.outcome if first else ("cached" if lf.outcome == "cached" else "joined")
         self.metrics.call_done(outcome, time.perf_counter() - started, failed=not result.success)
         result = dataclasses.replace(result, outcome=outcome)
-        return result, (lf.local_error if outcome == "executed" else None)
+        # Every caller in the process that ran it shares the original exception.
+        return result, lf.local_error
 
     async def _drive(self, lf: LocalFlight) -> None:
         """Take part in the Redis flight for ``lf`` until it resolves or every caller left."""
@@ -488,23 +508,24 @@ class Dedup:
             while True:
                 # Known locally before Redis knows it: a grant for it may arrive (a sweep's
                 # listing) before the submit reply is processed.
-                proposed = lf.request_id = uuid.uuid4().hex
-                self._by_id[proposed] = lf
+                proposed = uuid.uuid4().hex
+                self._track(lf, proposed)
                 reply = await self._submit(lf, proposed)
                 verdict, rid = reply[0].decode(), reply[1].decode()
                 if rid != proposed:
-                    del self._by_id[proposed]
-                    lf.request_id = rid
+                    self._untrack(lf, proposed)
+                    self._track(lf, rid)
                 self._log_submit(verdict, rid, proposed, lf.key)
                 if verdict == "cached":
                     lf.resolve(self._decode_result(reply[2], cached=True))
                     return
-                self._by_id[rid] = lf
                 if verdict == "granted":
                     grant = Grant.from_reply([rid, *reply[2:5], lf.kind, lf.digest])
                     if self.worker.accept(grant):  # run it in this task: no hop
                         lf.executing = True
                         await self._execute_local(lf, grant)
+                elif verdict == "queued":
+                    self.worker.on_grants(reply[2])  # what a free slot let run, ours too
                 state = await self._wait_done(lf, rid)
                 if state == "resolved":
                     return
@@ -514,7 +535,9 @@ class Dedup:
                     if lf.waiters == 0:
                         return
                     lf.revive()  # a caller arrived meanwhile: take part again
-                # "vanished": gone without a result (Redis lost it): submit again
+                # "vanished": gone without a result (Redis lost it): submit again, as a
+                # new flight; this one's id is forgotten
+                self._untrack(lf, rid)
         except Exception as exc:
             lf.fail(exc if isinstance(exc, DedupError) else RedisUnavailable(str(exc)))
         finally:
@@ -522,8 +545,18 @@ class Dedup:
             lf.fail(DedupError(f"the flight for {lf.key!r} was stopped before it finished"))
             if self._local.get((lf.kind, lf.digest)) is lf:
                 del self._local[(lf.kind, lf.digest)]
-            if lf.request_id is not None and self._by_id.get(lf.request_id) is lf:
-                del self._by_id[lf.request_id]
+            for rid in list(lf.ids):
+                self._untrack(lf, rid)
+
+    def _track(self, lf: LocalFlight, rid: str) -> None:
+        lf.request_id = rid
+        lf.ids.add(rid)
+        self._by_id[rid] = lf
+
+    def _untrack(self, lf: LocalFlight, rid: str) -> None:
+        lf.ids.discard(rid)
+        if self._by_id.get(rid) is lf:
+            del self._by_id[rid]
 
     def _log_submit(
         self, verdict: str, rid: str, proposed: str, key: str, *, each_call: bool = False
@@ -696,7 +729,7 @@ class Dedup:
         validate({"result_ttl": ttl} if ttl is not None else {})
         hdrs = {str(k): str(v) for k, v in (headers or {}).items()}
         encoded = codec.encode_body(body)
-        text = codec.readable_key(api_path)
+        text = self.shown_key(api_path)
         await self._ensure()
         lf = LocalFlight(
             "request",
@@ -707,19 +740,28 @@ class Dedup:
             -1 if ttl is None else int(ttl * 1000),
             cache_failures,
             payload=codec.encode_request(method, url, hdrs, encoded),
-            fingerprint=codec.request_fingerprint(method, url, hdrs, encoded),
+            fingerprint=codec.request_fingerprint(method, url, encoded),
             on_conflict=on_conflict,
+            credentials=codec.credential_digest(
+                hdrs.items(), self.config.credential_headers, self.config.key_secret
+            ),
         )
         proposed = uuid.uuid4().hex
         reply = await self._submit(lf, proposed)
         verdict, rid = reply[0].decode(), str(reply[1].decode())
         if verdict == "conflict":
-            raise ConflictError(
-                f"a different request is already in flight for {text!r} (request {rid}); "
-                "pass on_conflict='join' to join it anyway",
-                request_id=rid,
-                api_path=text,
-            )
+            if reply[2] == b"credentials":
+                why = (
+                    "a request with other credentials is in flight or cached for "
+                    f"{text!r} (request {rid}); its answer is never shared across "
+                    "credentials: put the tenant in api_path"
+                )
+            else:
+                why = (
+                    f"a different request is already in flight or cached for {text!r} "
+                    f"(request {rid}); pass on_conflict='join' to join it anyway"
+                )
+            raise ConflictError(why, request_id=rid, api_path=text)
         # Counted apart from calls: a queued request's caller waits (if at all) through
         # wait_for_result, so it has no outcome or wait of its own here.
         if verdict == "cached":
@@ -729,6 +771,8 @@ class Dedup:
         self._log_submit(verdict, rid, proposed, text, each_call=True)
         if verdict == "granted":
             self.worker.on_grant(Grant.from_reply([rid, *reply[2:5], "request", lf.digest]))
+        elif verdict == "queued":
+            self.worker.on_grants(reply[2])
         return rid
 
     async def wait_for_result(self, request_id: str, timeout: float | None = 30.0) -> Result:
@@ -802,7 +846,13 @@ class Dedup:
     async def get_queue_status(self) -> QueueStatus:
         """Queue length, running and delayed counts, live instances and the shared config."""
         await self._ensure()
-        return await status.queue_status(self.store, self.config.shared())
+        found, bad = await status.queue_status(self.store, self.config.shared())
+        if bad:
+            # Redis lost (or holds a malformed) shared config: restore it first, so what
+            # is reported is what the scripts enforce.
+            await self.store.repair()
+            found, bad = await status.queue_status(self.store, self.config.shared())
+        return found
 
     async def clear_queue(self) -> int:
         """Remove every queued and delayed flight (not running ones); their waiters get
@@ -816,8 +866,9 @@ class Dedup:
     async def update_config(self, **values: Any) -> None:
         """Change shared config for every instance (they follow within a second).
 
-        Only ``max_concurrent``, ``max_retries``, ``retry_delay``, ``lock_timeout`` and
-        ``result_ttl`` are shared; invalid values raise ``ConfigError`` and change nothing.
+        Only ``max_concurrent``, ``max_retries``, ``retry_delay``, ``lock_timeout``,
+        ``result_ttl`` and ``retention`` are shared; invalid values raise ``ConfigError``
+        and change nothing.
         """
         check_shared(values)
         await self._ensure()

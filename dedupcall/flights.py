@@ -35,7 +35,9 @@ class LocalFlight:
     payload: bytes = b""
     fingerprint: str = ""
     on_conflict: str = "join"
+    credentials: str = ""  # digest of a queued request's credential headers
     request_id: str | None = None
+    ids: set[str] = field(default_factory=set)  # every id this flight was known by here
     waiters: int = 0
     executing: bool = False
     abandoned: bool = False

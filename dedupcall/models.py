@@ -119,10 +119,23 @@ class Grant:
     kind: str
     digest: str = ""
 
+    @property
+    def epoch(self) -> int:
+        """The grant's place in the order of grants (a later grant has a larger one)."""
+        head = self.token.partition(".")[0]
+        return int(head) if head.isdigit() else 0
+
     @classmethod
     def from_reply(cls, reply: list[Any]) -> Grant:
-        rid, token, att, lease, kind, digest = reply
-        return cls(_text(rid), _text(token), int(att), int(lease), _text(kind), _text(digest))
+        """From a script's reply or a pushed grant; ``ValueError`` when malformed."""
+        try:
+            rid, token, att, lease, kind, digest = reply
+            grant = cls(_text(rid), _text(token), int(att), int(lease), _text(kind), _text(digest))
+        except (TypeError, ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"malformed grant {reply!r:.200}: {exc}") from None
+        if not grant.request_id or not grant.token or grant.lease_ms <= 0:
+            raise ValueError(f"malformed grant {reply!r:.200}")
+        return grant
 
 
 def _text(value: Any) -> str:

@@ -175,14 +175,19 @@ class Notifier:
         assert isinstance(data, bytes)
         if channel == self._done_channel:
             request_id, _, result = data.partition(b" ")
-            self.mark_done(request_id.decode(), result)
+            self.mark_done(request_id.decode("utf-8", "replace"), result)
             return
-        text = data.decode()
+        text = data.decode("utf-8", "replace")
         if channel == self._grant_channel:
             parts = text.split(" ")
-            if len(parts) == 7 and parts[0] == "g":
-                self._on_grant(Grant.from_reply(parts[1:]))
-            else:
+            try:
+                if len(parts) != 7 or parts[0] != "g":
+                    raise ValueError("not a grant")
+                grant = Grant.from_reply(parts[1:])
+            except ValueError:
+                # Never fatal: the grant's lease runs out and the sweep hands it on.
                 log.warning("dedupcall ignored a malformed grant message %r", text[:200])
+                return
+            self._on_grant(grant)
         else:
             self._on_control(text)

@@ -61,7 +61,7 @@ class Observer:
     async def get_queue_status(self) -> QueueStatus:
         """Queue length, running and delayed counts, live instances with their numbers,
         and the shared config (the library's defaults where the namespace has set none)."""
-        return await status.queue_status(self.store, DEFAULT_SHARED)
+        return (await status.queue_status(self.store, DEFAULT_SHARED))[0]
 
     async def get_queue_items(self, limit: int | None = None) -> list[QueueItem]:
         """Unfinished flights (at most ``limit`` per state): running, queued, delayed."""
@@ -77,7 +77,7 @@ class Observer:
 
     async def shared_config(self) -> dict[str, Any]:
         """The namespace's shared config: what Redis holds, defaults for the rest."""
-        return {**DEFAULT_SHARED, **decode_shared(await self.store.shared_config())}
+        return {**DEFAULT_SHARED, **decode_shared(await self.store.shared_config())[0]}
 
     async def update_config(self, **values: Any) -> None:
         """Change shared config for every instance; invalid values raise ``ConfigError``

@@ -11,6 +11,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from dedupcall.batch import Batcher
+from dedupcall.config import BOUNDS, PRIORITY_LIMIT, SHARED_FIELDS
 
 NAMES = (
     "submit",
@@ -26,11 +27,27 @@ NAMES = (
 )
 
 
+def _header() -> str:
+    """Lua constants rendered from ``config.py``, so the scripts read shared settings by
+    the very bounds Python validates them with."""
+    rows = []
+    for name in SHARED_FIELDS:
+        b = BOUNDS[name]
+        low = 0 if name == "max_concurrent" else b.low  # 0 stored: no limit
+        rows.append(f"{{'{name}', {low!r}, {b.high!r}, {'true' if b.integer else 'false'}}}")
+    return (
+        "-- rendered from dedupcall/config.py\n"
+        f"local SHARED = {{ {', '.join(rows)} }}\n"
+        f"local PRIORITY_LIMIT = {PRIORITY_LIMIT}\n"
+    )
+
+
 @cache
 def source(name: str) -> str:
-    """The full source of one script: ``lib.lua`` followed by the script itself."""
+    """The full source of one script: the rendered header, ``lib.lua``, the script."""
     folder = resources.files("dedupcall") / "lua"
-    return (folder / "lib.lua").read_text() + "\n" + (folder / f"{name}.lua").read_text()
+    lib = (folder / "lib.lua").read_text()
+    return _header() + lib + "\n" + (folder / f"{name}.lua").read_text()
 
 
 class Scripts:

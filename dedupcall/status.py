@@ -9,6 +9,7 @@ from typing import Any
 from dedupcall import codec
 from dedupcall.config import decode_shared
 from dedupcall.errors import ConfigError
+from dedupcall.metrics import BUCKETS
 from dedupcall.models import InstanceInfo, QueueItem, QueueStatus
 from dedupcall.store import Store, redis_errors
 
@@ -79,8 +80,10 @@ async def active_ids(store: Store, key: str | bytes, kinds: list[str]) -> list[s
     return [rid.decode() for rid in ids if isinstance(rid, bytes)]
 
 
-async def queue_status(store: Store, local_config: dict[str, Any]) -> QueueStatus:
-    """Counts, live instances (with their own counters) and the shared config."""
+async def queue_status(store: Store, local_config: dict[str, Any]) -> tuple[QueueStatus, list[str]]:
+    """Counts, live instances (with their own counters) and the shared config, with the
+    names of shared settings missing or malformed in Redis (``local_config`` stands in
+    for them: for an instance, what it restores on its next call)."""
     k = store.keys
     pipe = store.redis.pipeline(transaction=False)
     pipe.time()
@@ -88,39 +91,97 @@ async def queue_status(store: Store, local_config: dict[str, Any]) -> QueueStatu
     pipe.zcard(k.running)
     pipe.zcard(k.delayed)
     pipe.zrange(k.instances, 0, -1, withscores=True)
-    pipe.hgetall(k.config)
     with redis_errors():
-        now, queued, running, delayed, members, cfg = await pipe.execute()
+        now, queued, running, delayed, members = await pipe.execute()
+        cfg = await store.shared_config()
         now_ms = _ms(now)
-        live = [(m.decode(), score) for m, score in members if score > now_ms]
+        live = _live(members, now_ms)
         infos = await store.redis.mget([k.instance_info(i) for i, _ in live]) if live else []
     instances = []
-    for (iid, score), raw in zip(live, infos, strict=True):
+    for (iid, expires), raw in zip(live, infos, strict=True):
         info = _json_object(raw)
-        beat_at = score - info.get("hb_ms", store.hb_ms())
+        window = _number(info.get("window_ms"), 0.0, 1e12) or _number(info.get("hb_ms"), 0.0, 1e12)
+        beat_at = expires - (window or store.hb_ms())
+        stats = info.get("stats")
         instances.append(
             InstanceInfo(
                 id=iid,
-                host=str(info.get("host", "")),
-                pid=int(info.get("pid", 0) or 0),
+                host=_text(info.get("host")),
+                pid=int(_number(info.get("pid"), 0, 2**31) or 0),
                 last_seen=max(0.0, (now_ms - beat_at) / 1000),
-                stats=info.get("stats", {}),
+                stats=_stats(stats),
             )
         )
-    return QueueStatus(
-        queue_length=queued,
-        processing=running > 0,
-        running=running,
-        delayed=delayed,
-        instance_id=store.instance_id,
-        instances=instances,
-        config={**local_config, **decode_shared(cfg)},
+    shared, bad = decode_shared(cfg)
+    return (
+        QueueStatus(
+            queue_length=_count(queued),
+            processing=_count(running) > 0,
+            running=_count(running),
+            delayed=_count(delayed),
+            instance_id=store.instance_id,
+            instances=instances,
+            config={**local_config, **shared},
+        ),
+        bad,
     )
+
+
+def _live(members: list[tuple[bytes, float]], now_ms: int) -> list[tuple[str, float]]:
+    return [(m.decode("utf-8", "replace"), s) for m, s in members if s > now_ms]
+
+
+def _count(reply: Any) -> int:
+    return reply if isinstance(reply, int) else 0  # a structure of the wrong type: empty
 
 
 def _json_object(raw: bytes | str | None) -> dict[str, Any]:
     try:
         value = json.loads(raw) if raw else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _number(value: Any, low: float, high: float) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if low <= value <= high else None
+
+
+def _text(value: Any) -> str:
+    return value[:255] if isinstance(value, str) else ""
+
+
+def _stats(value: Any) -> dict[str, Any]:
+    """An instance's counters as written beside its heartbeat: what is not a counter or a
+    histogram of the expected shape is dropped, so one bad record cannot break a view."""
+    if not isinstance(value, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for name, v in value.items():
+        if not isinstance(name, str):
+            continue
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            out[name] = v
+        elif name == "wait_seconds" and isinstance(v, dict):
+            hists = {o: h for o, h in v.items() if isinstance(o, str) and _histogram(h)}
+            out[name] = hists
+        elif name == "execution_seconds" and _histogram(v):
+            out[name] = v
+    return out
+
+
+def _histogram(value: Any) -> bool:
+    if not isinstance(value, dict):
+        return False
+    counts, total, count = value.get("counts"), value.get("sum"), value.get("count")
+    return (
+        isinstance(counts, list)
+        and len(counts) <= len(BUCKETS) + 1
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts)
+        and _number(total, 0, 1e18) is not None
+        and isinstance(count, int)
+        and not isinstance(count, bool)
+        and count >= 0
+    )

@@ -5,25 +5,33 @@ state transition, and the few plain reads. Every Redis error leaves here as
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
+import logging
 import random
-from collections.abc import Iterator, Sequence
+import secrets
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from dedupcall.batch import Batcher
-from dedupcall.config import Config, SentinelTarget, parse_sentinel_url
-from dedupcall.errors import RedisUnavailable
+from dedupcall.config import SHARED_FIELDS, Config, SentinelTarget, parse_sentinel_url
+from dedupcall.errors import DedupError, RedisUnavailable, SerializationError
 from dedupcall.keys import KeySpace
 from dedupcall.models import Grant
 from dedupcall.scripts import Scripts
 
 Reply = list[Any]
+#: What a ``Store`` re-seeds after Redis lost its data: (encoded shared config, info).
+Seed = Callable[[], tuple[dict[str, str], bytes]]
+
+log = logging.getLogger("dedupcall")
 
 
 @contextlib.contextmanager
@@ -58,9 +66,20 @@ def _sentinel(url: str, config: Config) -> tuple[Sentinel, SentinelTarget]:
     return manager, target
 
 
-def pairs(flat: Sequence[Any]) -> dict[bytes, bytes]:
-    """A Redis flat field/value list as a dict."""
-    return dict(zip(flat[::2], flat[1::2], strict=True))
+def shared_values(values: Sequence[Any]) -> dict[str, bytes]:
+    """The shared config as the scripts return it (values in ``SHARED_FIELDS`` order)."""
+    return dict(zip(SHARED_FIELDS, values, strict=True))
+
+
+def _encoded(arg: Any) -> Any:
+    if isinstance(arg, str):
+        try:
+            return arg.encode()
+        except UnicodeEncodeError as exc:
+            raise SerializationError(
+                f"text sent to Redis must be valid Unicode; {arg[:80]!r} is not: {exc}"
+            ) from None
+    return arg
 
 
 class Store:
@@ -70,10 +89,24 @@ class Store:
     so they never queue behind large transfers; and the subscriber's.
     """
 
-    def __init__(self, url: str, keys: KeySpace, instance_id: str, config: Config) -> None:
+    def __init__(
+        self,
+        url: str,
+        keys: KeySpace,
+        instance_id: str,
+        config: Config,
+        seed: Seed | None = None,
+    ) -> None:
         self.keys = keys
         self.instance_id = instance_id
         self.config = config
+        # What to re-seed when a script finds the shared config gone or malformed (Redis
+        # lost its data): the last shared config this instance saw, and its heartbeat info.
+        # An observer has none: it reports the problem instead of guessing values.
+        self._seed = seed
+        self._repairing: asyncio.Future[None] | None = None
+        self._nonce = f"{secrets.token_hex(4)}-"
+        self._calls = itertools.count()
         self._sentinel = _sentinel(url, config) if "+sentinel://" in url else None
         self.redis = self._client(url, config.max_connections)
         self.control = self._client(url, 2)
@@ -124,24 +157,65 @@ class Store:
         return int(max(3 * self.config.heartbeat_interval, 1.0) * 1000)
 
     async def _run(self, name: str, keys: list[str], args: list[Any], control: bool = False) -> Any:
-        common = [self.keys.prefix, self.instance_id, int(self.config.retention * 1000)]
-        with redis_errors():
-            if control:
-                return await self.scripts.run(name, keys, common + args, client=self.control)
-            return await self.scripts.run_batched(name, keys, common + args, self.batcher)
+        # Encoded here, one command at a time: text that cannot be encoded is this
+        # caller's error, never a failed batch for its neighbours.
+        args = [self.keys.prefix, self.instance_id, self._nonce + f"{next(self._calls):x}"] + [
+            _encoded(arg) for arg in args
+        ]
+        for attempt in (1, 2):
+            with redis_errors():
+                if control:
+                    reply = await self.scripts.run(name, keys, args, client=self.control)
+                else:
+                    reply = await self.scripts.run_batched(name, keys, args, self.batcher)
+            if reply != b"noconfig":
+                return reply
+            if attempt == 1:
+                await self.repair()
+        raise RedisUnavailable(f"the shared config in Redis could not be re-established ({name})")
+
+    async def repair(self) -> None:
+        """Re-seed the shared config where Redis lost it (or holds a malformed value) and
+        register this instance again; concurrent callers share one repair."""
+        if self._seed is None:
+            raise DedupError(
+                f"the shared config of namespace {self.keys.namespace!r} is missing or "
+                "malformed in Redis; an instance restores it on its next call, or set it "
+                "with update_config / `dedupcall config set`"
+            )
+        if self._repairing is None or self._repairing.done():
+            self._repairing = asyncio.ensure_future(self._repair(self._seed))
+        await asyncio.shield(self._repairing)
+
+    async def _repair(self, seed: Seed) -> None:
+        shared, info = seed()
+        log.warning(
+            "dedupcall found the shared config missing or malformed in Redis (a restart "
+            "without persistence, a failover, FLUSHDB?); restoring the last one seen",
+            extra={"instance_id": self.instance_id},
+        )
+        await self._init(shared, info)
 
     # --- transitions (lua/*.lua) ----------------------------------------------------
-    async def init(self, shared: dict[str, str], info: bytes) -> dict[bytes, bytes]:
-        """Load the scripts, seed shared config where unset, register as alive."""
+    async def init(self, shared: dict[str, str], info: bytes) -> dict[str, bytes]:
+        """Load the scripts, seed shared config where unset, register as alive; returns
+        the shared config Redis holds."""
+        with redis_errors():
+            await self.scripts.load(self.redis)
+        return await self._init(shared, info)
+
+    async def _init(self, shared: dict[str, str], info: bytes) -> dict[str, bytes]:
         k, args = self.keys, [self.hb_ms(), info]
         for name, value in shared.items():
             args += [name, value]
+        keys = [k.config, k.instances, k.instance_info(self.instance_id)]
+        # Not through _run: a 'noconfig' here is final (the values given were refused).
+        args = [self.keys.prefix, self.instance_id, "init"] + [_encoded(a) for a in args]
         with redis_errors():
-            await self.scripts.load(self.redis)
-        reply = await self._run(
-            "init", [k.config, k.instances, k.instance_info(self.instance_id)], args
-        )
-        return pairs(reply)
+            reply = await self.scripts.run_batched("init", keys, args, self.batcher)
+        if reply == b"noconfig":
+            raise RedisUnavailable("Redis refused the shared config")
+        return shared_values(reply)
 
     async def submit(
         self,
@@ -154,6 +228,7 @@ class Store:
         ttl_ms: int,
         cache_failures: bool,
         fingerprint: str,
+        credentials: str,
         on_conflict: str,
         payload: bytes,
         may_grant: bool,
@@ -179,16 +254,22 @@ class Store:
             ttl_ms,
             int(cache_failures),
             fingerprint,
+            credentials,
             on_conflict,
             payload,
             int(may_grant),
         ]
         return list(await self._run("submit", keys, args))
 
-    async def complete(self, grant: Grant, record: bytes, ok: bool) -> Reply:
+    async def complete(
+        self, grant: Grant, record: bytes, ok: bool, cache_ms: int = -1, keep_ms: int = -1
+    ) -> Reply:
+        """Store the final result: it answers later callers for ``cache_ms`` (-1: the
+        flight's ttl, 0: none) and can be fetched by id for ``keep_ms`` (-1: retention)."""
         k, rid = self.keys, grant.request_id
         keys = [k.flight(rid), k.result(rid), k.queue, k.running, k.config]
-        return list(await self._run("complete", keys, [rid, grant.token, record, int(ok), -1]))
+        args = [rid, grant.token, record, int(ok), cache_ms, keep_ms]
+        return list(await self._run("complete", keys, args))
 
     async def retry(self, grant: Grant, final_record: bytes, retry_after_ms: int) -> Reply:
         k, rid = self.keys, grant.request_id
@@ -266,10 +347,18 @@ class Store:
         text = key.decode("utf-8", "replace") if isinstance(key, bytes) else ""
         return text, payload if isinstance(payload, bytes) else None
 
-    async def shared_config(self) -> dict[bytes, bytes]:
+    async def shared_config(self) -> dict[str, bytes]:
+        """The shared config hash as Redis holds it (fields not yet checked)."""
         with redis_errors():
-            raw = await self.redis.hgetall(self.keys.config)
-        return {k: v for k, v in raw.items() if isinstance(k, bytes) and isinstance(v, bytes)}
+            try:
+                raw = await self.redis.hgetall(self.keys.config)
+            except ResponseError:  # not a hash (hand-corrupted): nothing valid in it
+                return {}
+        return {
+            k.decode("utf-8", "replace"): v
+            for k, v in raw.items()
+            if isinstance(k, bytes) and isinstance(v, bytes)
+        }
 
     async def write_shared_config(self, fields: dict[str, str]) -> None:
         """Write shared config and tell every instance, in one transaction."""

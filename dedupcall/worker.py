@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from dedupcall import codec, events, httpexec
-from dedupcall.aio import Wakeup, stop_task, within
+from dedupcall.aio import Wakeup, attempt_pin, stop_task, within
 from dedupcall.config import decode_shared
 from dedupcall.errors import RedisUnavailable, SerializationError
 from dedupcall.models import Grant, Result
-from dedupcall.store import pairs
+from dedupcall.store import shared_values
 
 if TYPE_CHECKING:
     from dedupcall.core import Dedup
@@ -72,6 +72,10 @@ class _Lease:
     task: asyncio.Task[Any] | None = None
     lost: bool = False
     key: str | None = None  # readable key, for logs
+    pinned: int = 0  # > 0 while it runs work that cannot be cancelled (see aio.attempt_pin)
+
+    def pin(self, on: bool) -> None:
+        self.pinned += 1 if on else -1
 
 
 @dataclass
@@ -92,7 +96,8 @@ class Worker:
         self._sweep_task: asyncio.Task[None] | None = None
         self._renew_task: asyncio.Task[None] | None = None
         self._wake_sweep = Wakeup()
-        self._wake_renew = Wakeup()
+        self._wake_renew = Wakeup()  # a first lease started
+        self._renew_now = Wakeup()  # lock_timeout changed: renew at once
         # Attempts running or still storing their outcome; a drain waits for none.
         self._active = 0
         self._idle = asyncio.Event()
@@ -109,7 +114,9 @@ class Worker:
 
     async def drain(self, timeout: float) -> None:
         """Stop taking grants, let running attempts finish (and store their outcome) for
-        ``timeout`` s, release the rest."""
+        ``timeout`` s, release the rest. An attempt running a sync function in a thread
+        is never released (the thread cannot be stopped): it is waited for, however long
+        it takes, with its lease renewed, and its outcome is stored."""
         self.draining = True
         # A grant taken just before the drain may have its attempt spawned but not yet
         # started (so not counted in _active): let such tasks take their first step.
@@ -120,13 +127,21 @@ class Worker:
         stopping = [
             lease.task
             for lease in self._leases.values()
-            if lease.task is not None and not lease.task.done()
+            if lease.task is not None and not lease.task.done() and not lease.pinned
         ]
         for task in stopping:
             task.cancel()  # each hands its flight back (release) as it stops
         releasing = [t for t in self._tasks if t.get_name() == "dedupcall-release"]
         if stopping or releasing:
             await asyncio.wait([*stopping, *releasing], timeout=max(1.0, timeout))
+        while any(lease.pinned for lease in self._leases.values()):
+            log.warning(
+                "dedupcall is waiting for a sync function still running in a thread before "
+                "it stops (its flight cannot be handed back while it runs)",
+                extra={"instance_id": self.dedup.instance_id},
+            )
+            with contextlib.suppress(TimeoutError):
+                await within(self._idle.wait(), 5.0)
 
     async def stop(self) -> None:
         tasks = [t for t in (self._sweep_task, self._renew_task, *self._tasks) if t is not None]
@@ -158,11 +173,16 @@ class Worker:
 
     def on_grant(self, grant: Grant) -> None:
         """A grant pushed to (or returned to) this instance: run it, or give it back."""
+        ident = (grant.request_id, grant.token)
+        if ident in self._accepted or ident in self._finished or self.adopt(grant):
+            # It runs (or ran) here: a sweep's listing repeats a grant we were given. Never
+            # released, not even while draining: the attempt running it holds the lease.
+            return
         if self.draining:
             self.spawn(self.release(grant, drop=False), "dedupcall-release")
-        elif not self.accept(grant) or self.adopt(grant):
             return
-        elif grant.kind == "request":
+        self._accepted.add(ident)
+        if grant.kind == "request":
             self.spawn(self.execute(grant, self.http_attempt), f"dedupcall-req-{grant.request_id}")
         elif not self.dedup._run_local_grant(grant):
             self.forget(grant)
@@ -178,7 +198,7 @@ class Worker:
         e.g. a loop stall, and the flight came back to us): that attempt carries on under
         the new token instead of a second, concurrent one starting."""
         lease = self._leases.get(grant.request_id)
-        if lease is None or int(grant.token) <= int(lease.grant.token):
+        if lease is None or grant.epoch <= lease.grant.epoch:
             return False
         lease.grant, lease.lease_ms, lease.lost = grant, grant.lease_ms, False
         return True
@@ -220,6 +240,7 @@ class Worker:
         if grant.kind != "request":  # a queued request's key is known once its payload is read
             self._event(events.GRANTED, grant, lease.key)
         started = time.perf_counter()
+        pin = attempt_pin.set(lease.pin)
         try:
             try:
                 outcome = await attempt(grant)
@@ -240,6 +261,7 @@ class Worker:
                 )
                 outcome = Outcome(record, ok=False, error=exc)
         finally:
+            attempt_pin.reset(pin)
             if self._leases.get(rid) is lease:
                 del self._leases[rid]
             for ident in {(rid, grant.token), (rid, lease.grant.token)}:
@@ -380,6 +402,8 @@ class Worker:
                 "pid": os.getpid(),
                 "started": self.started,
                 "hb_ms": self.store.hb_ms(),
+                # How long a heartbeat keeps it alive (as reap.lua computes it).
+                "window_ms": max(self.store.hb_ms(), int(self.dedup.config.lock_timeout * 1000)),
                 "stats": self.dedup.stats(),
             }
         ).encode()
@@ -399,7 +423,7 @@ class Worker:
                     )
                 self.on_grants(grants)
                 self.on_grants(mine)
-                self.dedup._apply_shared(decode_shared(pairs(config)))
+                self.dedup._apply_shared(decode_shared(shared_values(config))[0])
                 for ms in (next_retry, next_lease):
                     if ms >= 0:
                         wait = min(wait, ms / 1000 + 0.002)
@@ -422,15 +446,23 @@ class Worker:
         self._sweep_task = None
 
     # --- lease renewal -----------------------------------------------------------
+    def lease_changed(self) -> None:
+        """The shared ``lock_timeout`` changed: renew every lease now, then at the new
+        pace (a lease shortened from 30 s to 1 s must not wait out the old 10 s pause)."""
+        lease_ms = int(self.dedup.config.lock_timeout * 1000)
+        for lease in self._leases.values():
+            lease.lease_ms = min(lease.lease_ms, lease_ms)
+        self._renew_now.set()
+
     async def _renew_loop(self) -> None:
         while True:
             if not self._leases:
                 await self._wake_renew.sleep(3600)
                 continue
-            # A third of the shortest lease; renewals report the current lock_timeout, so
-            # a lease shortened by update_config is renewed at its new pace.
+            # A third of the shortest lease; renewals report the current lock_timeout, and
+            # a change of it cuts the pause short.
             interval = min(lease.lease_ms for lease in self._leases.values()) / 3000
-            await asyncio.sleep(interval)
+            await self._renew_now.sleep(interval)
             sent = [(lease, lease.grant) for lease in self._leases.values() if not lease.lost]
             if not sent:
                 continue

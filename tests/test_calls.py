@@ -341,6 +341,7 @@ async def test_a_repeated_submit_from_the_executor_gets_its_grant_back(dedup: De
             ttl_ms=-1,
             cache_failures=False,
             fingerprint="",
+            credentials="",
             on_conflict="join",
             payload=b"",
             may_grant=True,
@@ -398,7 +399,7 @@ async def test_a_renewal_reply_about_an_adopted_grant_does_not_drop_the_new_leas
         # after a stall) while this renewal, still carrying the old token, is on its way.
         newer = Grant(
             old.request_id,
-            str(int(old.token) + 1000),
+            f"{old.epoch + 1000}.test.1",
             old.attempts + 1,
             old.lease_ms,
             old.kind,

@@ -132,7 +132,7 @@ def test_config_get_and_set_validate_and_change_every_instance(
     for bad, message in [
         (["max_retries=x"], "max_retries='x' is not a valid max_retries"),
         (["max_retries=-1"], "max_retries must be an int in 0..1000"),
-        (["lock_timeout=0.001"], "lock_timeout must be at least 0.05 s"),
+        (["lock_timeout=0.001"], "lock_timeout must be a number of seconds in 0.05..86400"),
         (["socket_timeout=1"], "'socket_timeout' is not a shared setting"),
         (["max_retries"], "expected NAME=VALUE"),
         (["max_retries=4", "retry_delay=oops"], "retry_delay='oops' is not a valid retry_delay"),

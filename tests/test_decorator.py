@@ -382,7 +382,8 @@ async def test_failures_reach_every_caller_and_retry_on_retries(dedup: Dedup) ->
 
     outcomes = await asyncio.gather(broken(), broken(), return_exceptions=True)
     assert all(isinstance(o, CallFailed) and o.error_type == "KeyError" for o in outcomes)
-    assert sum(isinstance(o.__cause__, KeyError) for o in outcomes) == 1  # the executor's
+    # Every caller in the process that ran it shares the original exception.
+    assert all(isinstance(o.__cause__, KeyError) for o in outcomes)
     with pytest.raises(CallFailed):
         await broken()  # the failure was cached
     assert runs == 1

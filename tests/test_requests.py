@@ -131,10 +131,21 @@ async def test_different_request_same_path_conflicts_unless_join(
         await dedup.add_post_request(
             "/api/me", f"{upstream.url}/echo", {"x": 1}, headers={"Authorization": "Bearer A"}
         )
+    # join: another request with the same credentials may join; other credentials never
     joined = await dedup.add_get_request(
-        "/api/me", f"{upstream.url}/echo", headers={"Authorization": "Bearer B"}, on_conflict="join"
+        "/api/me",
+        f"{upstream.url}/echo?v=2",
+        headers={"Authorization": "Bearer A"},
+        on_conflict="join",
     )
     assert joined == rid
+    with pytest.raises(ConflictError, match="other credentials"):
+        await dedup.add_get_request(
+            "/api/me",
+            f"{upstream.url}/echo",
+            headers={"Authorization": "Bearer B"},
+            on_conflict="join",
+        )
     await blocker.release()
     assert (await dedup.wait_for_result(rid, 5)).success
 
@@ -302,8 +313,8 @@ async def test_cached_answer_is_not_shared_with_a_different_credential(
         await dedup.add_post_request(
             "/api/me", url, {"x": 1}, headers={"Authorization": "Bearer ALICE"}
         )
-    joined = await dedup.add_get_request(
-        "/api/me", url, headers={"Authorization": "Bearer BOB"}, on_conflict="join"
-    )
-    assert joined == alice  # only when the caller asks for it
+    with pytest.raises(ConflictError, match="other credentials"):  # not even when asked
+        await dedup.add_get_request(
+            "/api/me", url, headers={"Authorization": "Bearer BOB"}, on_conflict="join"
+        )
     assert upstream.hits("/echo") == 1

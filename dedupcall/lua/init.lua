@@ -1,12 +1,19 @@
--- init.lua: seed shared config where it is not set yet (Redis wins once set) and register
--- this instance as alive.
+-- init.lua: seed shared config where it is missing or malformed (a valid value is never
+-- overwritten: Redis wins once set) and register this instance as alive. Runs at start,
+-- and again whenever a script answered 'noconfig' (Redis lost its data: a restart without
+-- persistence, a failover, FLUSHDB), with the last shared config this instance saw.
 -- KEYS[1] config  KEYS[2] instances  KEYS[3] inst:<me>
 -- ARGV[4] heartbeat ttl ms  ARGV[5] instance info JSON  ARGV[6..] pairs of field, value
--- returns the config as a flat list
+-- returns the shared config (values in config.SHARED_FIELDS order) | 'noconfig'
+if redis.call('TYPE', CONFIG).ok ~= 'hash' then redis.call('DEL', CONFIG) end
+local bounds = {}
+for _, s in ipairs(SHARED) do bounds[s[1]] = s end
 for i = 6, #ARGV, 2 do
-  redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
+  local s = bounds[ARGV[i]]
+  if s and setting(redis.call('HGET', CONFIG, ARGV[i]), s[2], s[3], s[4]) == nil then
+    redis.call('HSET', CONFIG, ARGV[i], ARGV[i + 1])
+  end
 end
-local hb = tonumber(ARGV[4])
-redis.call('ZADD', I, now_ms() + hb, ME)
-redis.call('SET', KEYS[3], ARGV[5], 'PX', hb)
-return redis.call('HGETALL', KEYS[1])
+if not load_config() then return 'noconfig' end
+beat(now_ms(), tonumber(ARGV[4]), ARGV[5])
+return C_RAW

@@ -1,77 +1,139 @@
--- lib.lua: helpers prepended to every script (scripts.py joins them), not a script itself.
+-- lib.lua: helpers prepended to every script (scripts.py joins them, after a header it
+-- renders from config.py: SHARED, the bounds of each shared setting, and PRIORITY_LIMIT).
 -- Every script's ARGV starts with the same three values:
---   ARGV[1] namespace prefix "{ns}:"   ARGV[2] calling instance id   ARGV[3] retention ms
+--   ARGV[1] namespace prefix "{ns}:"   ARGV[2] calling instance id
+--   ARGV[3] a nonce unique to this call (part of every fencing token granted in it)
 -- Dynamic names (a queued flight's hash, a holder's channel) are derived from the prefix:
 -- they share its hash tag, so every key a script touches is in the namespace's one slot.
+--
+-- Records are read defensively: a hand-corrupted field or a key of the wrong type fails
+-- (or skips) only the flight it belongs to, typed; a script never aborts on one.
 local P = ARGV[1]
 local ME = ARGV[2]
-local RETENTION = tonumber(ARGV[3])
+local NONCE = ARGV[3]
 local Q, D, R, I = P .. 'queue', P .. 'delayed', P .. 'running', P .. 'instances'
+local CONFIG = P .. 'config'
+local MAX_INT = 9007199254740991
+local STATES = { queued = Q, delayed = D, running = R }
+local KINDS = { ['function'] = true, request = true, transport = true }
 
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
-local function cfg(name, default)
-  local v = tonumber(redis.call('HGET', P .. 'config', name))
-  if v == nil then return default end
+-- Integers travel as plain digits in messages and replies, never as 1e+14.
+local function digits(n) return string.format('%d', n) end
+
+-- A command that may meet a hand-corrupted key: its reply, or nil on an error (WRONGTYPE).
+local function try(...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply.err then return nil end
+  return reply
+end
+
+-- An integer field, or nil when it is missing or malformed.
+local function int(v)
+  local n = tonumber(v)
+  if n == nil or n ~= n or n ~= math.floor(n) or n > MAX_INT or n < -MAX_INT then return nil end
+  return n
+end
+
+-- One stored shared setting, by the same rules as config.decode_field: plain digits, at
+-- most 16 before and 6 after the point, within its bounds.
+local function setting(raw, low, high, integer)
+  if type(raw) ~= 'string' then return nil end
+  local whole, frac = string.match(raw, '^(%d+)$'), nil
+  if not whole then whole, frac = string.match(raw, '^(%d+)%.(%d+)$') end
+  if not whole or #whole > 16 or (frac and (integer or #frac > 6)) then return nil end
+  local v = tonumber(raw)
+  if v < low or v > high then return nil end
   return v
 end
 
-local function lease_ms() return math.floor(cfg('lock_timeout', 30) * 1000) end
+-- The shared config, loaded once per script; nil until load_config() succeeds. A script
+-- without a complete, valid config refuses to run (returns 'noconfig') rather than
+-- enforce defaults: the caller re-seeds it (after Redis lost it) and runs it again.
+local C, C_RAW = nil, nil
+local function load_config()
+  local names = {}
+  for i, s in ipairs(SHARED) do names[i] = s[1] end
+  local raw = try('HMGET', CONFIG, unpack(names))
+  if not raw then return false end
+  local c = {}
+  for i, s in ipairs(SHARED) do
+    local v = setting(raw[i], s[2], s[3], s[4])
+    if v == nil then return false end
+    c[s[1]] = v
+  end
+  C, C_RAW = c, raw
+  return true
+end
 
--- Larger priority first, then FIFO; priority is bounded so the score stays an exact double.
-local function score(id)
-  local prio, seq = unpack(redis.call('HMGET', P .. 'f:' .. id, 'prio', 'seq'))
-  return -tonumber(prio) * 4294967296 + (tonumber(seq) % 4294967296)
+local function lease_ms() return math.floor(C.lock_timeout * 1000) end
+local function retention_ms() return math.floor(C.retention * 1000) end
+
+-- An instance counts as alive for this long after its heartbeat: never less than a lease,
+-- so a process whose loop stalls for less than lock_timeout keeps its flights.
+local function beat(now, hb, info)
+  local window = math.max(hb, lease_ms())
+  redis.call('ZADD', I, now + window, ME)
+  redis.call('SET', P .. 'inst:' .. ME, info, 'PX', window)
 end
 
 local function live(inst, now)
-  local s = redis.call('ZSCORE', I, inst)
-  return s ~= false and tonumber(s) > now
+  local s = tonumber(try('ZSCORE', I, inst))
+  return s ~= nil and s > now
+end
+
+-- Fields of a flight hash (a table, false entries for missing fields); nil when its key
+-- holds something else.
+local function flight(id, ...)
+  return try('HMGET', P .. 'f:' .. id, ...)
+end
+
+local function holders(id)
+  return try('SMEMBERS', P .. 'h:' .. id) or {}
 end
 
 local function has_live_holder(id, now)
-  for _, h in ipairs(redis.call('SMEMBERS', P .. 'h:' .. id)) do
+  for _, h in ipairs(holders(id)) do
     if live(h, now) then return true end
   end
   return false
 end
 
--- Queued requests go to the calling worker when it is alive (it just freed a slot),
--- else to the freshest worker; function and transport flights to the calling instance if
--- it holds them, else to the holder with the freshest heartbeat (a holder that died a
--- moment ago still looks alive until its heartbeat expires, but it beat last long ago).
-local function pick_executor(id, kind, now)
-  if kind == 'request' then
-    if live(ME, now) then return ME end
-    return redis.call('ZREVRANGEBYSCORE', I, '+inf', now, 'LIMIT', 0, 1)[1]
-  end
-  local best, best_score = nil, now
-  for _, h in ipairs(redis.call('SMEMBERS', P .. 'h:' .. id)) do
-    local s = tonumber(redis.call('ZSCORE', I, h) or 0)
-    if h == ME and s > now then return h end
-    if s > best_score then best, best_score = h, s end
-  end
-  return best
+-- Larger priority first, then FIFO; priority is bounded so the score stays an exact double.
+local function score(prio, seq)
+  return -prio * 4294967296 + (seq % 4294967296)
+end
+
+local function valid_prio(v)
+  local p = int(v)
+  if p == nil or p > PRIORITY_LIMIT or p < -PRIORITY_LIMIT then return nil end
+  return p
 end
 
 -- Store the result, index a cacheable success, drop every trace of the flight, wake waiters.
-local function finish(id, result, cacheable, ttl_ms)
+-- cache_ms > 0 makes it answer later callers of its key for that long; keep_ms is how long
+-- the result can be fetched by id (-1: the shared retention, at least cache_ms).
+local function finish(id, result, cache_ms, keep_ms)
   local f = P .. 'f:' .. id
-  local digest, fp = unpack(redis.call('HMGET', f, 'digest', 'fp'))
-  redis.call('SET', P .. 'r:' .. id, result, 'PX', math.max(RETENTION, ttl_ms, 1))
-  if digest then
-    if cacheable and ttl_ms > 0 then
-      redis.call('SET', P .. 'c:' .. digest, id .. ' ' .. (fp or ''), 'PX', ttl_ms)
+  local fields = flight(id, 'digest', 'fp', 'cred') or {}
+  local digest, fp, cred = fields[1], fields[2], fields[3]
+  if keep_ms < 0 then keep_ms = math.max(retention_ms(), cache_ms) end
+  redis.call('SET', P .. 'r:' .. id, result, 'PX', math.max(keep_ms, 1))
+  if type(digest) == 'string' and digest ~= '' then
+    if cache_ms > 0 then
+      local entry = id .. ' ' .. (fp or '') .. ' ' .. (cred or '')
+      redis.call('SET', P .. 'c:' .. digest, entry, 'PX', cache_ms)
     end
-    if redis.call('GET', P .. 'k:' .. digest) == id then
+    if try('GET', P .. 'k:' .. digest) == id then
       redis.call('DEL', P .. 'k:' .. digest)
     end
   end
-  for _, h in ipairs(redis.call('SMEMBERS', P .. 'h:' .. id)) do
-    redis.call('SREM', P .. 'held:' .. h, id)
+  for _, h in ipairs(holders(id)) do
+    try('SREM', P .. 'held:' .. h, id)
   end
   redis.call('DEL', f, P .. 'h:' .. id)
   redis.call('ZREM', Q, id)
@@ -88,59 +150,130 @@ end
 
 -- A failure decided inside Redis (no executor produced it): never cached.
 local function fail(id, etype, msg)
-  local f = P .. 'f:' .. id
-  local key, kind, att = unpack(redis.call('HMGET', f, 'key', 'kind', 'att'))
+  local fields = flight(id, 'key', 'kind', 'att') or {}
+  local key, kind, att = fields[1], fields[2], fields[3]
   local result = cjson.encode({
-    ok = false, id = id, key = key or '', kind = kind or '',
-    att = tonumber(att) or 0, err = { type = etype, msg = msg },
+    ok = false, id = id, key = type(key) == 'string' and key or '',
+    kind = KINDS[kind] and kind or '', att = int(att) or 0,
+    err = { type = etype, msg = msg },
   })
-  finish(id, result, false, 0)
+  finish(id, result, 0, -1)
 end
 
+-- A flight whose record cannot be read fails alone, with an error naming it.
+local function quarantine(id, why)
+  fail(id, 'MalformedFlight', 'the record of flight ' .. id .. ' in Redis is malformed ('
+    .. why .. '); it was failed and removed')
+end
+
+-- Put a flight back in the queue; false (and the flight failed) when its record is bad.
 local function requeue(id)
+  local fields = flight(id, 'prio', 'seq')
+  if not fields then quarantine(id, 'not a hash'); return false end
+  local prio, seq = valid_prio(fields[1]), int(fields[2])
+  if prio == nil or seq == nil then quarantine(id, 'prio or seq'); return false end
   local f = P .. 'f:' .. id
   redis.call('ZREM', R, id)
   redis.call('ZREM', D, id)
   redis.call('HSET', f, 'state', 'queued')
   redis.call('HDEL', f, 'token', 'exec')
-  redis.call('ZADD', Q, score(id), id)
+  redis.call('ZADD', Q, score(prio, seq), id)
+  return true
 end
 
--- The epoch from INCR is the lease token: unique, and larger for every later grant (fencing).
+-- The token is the epoch from INCR (larger for every later grant, for ordering) joined to
+-- this call's nonce: unique even when the counter rolls back after Redis lost data.
+local GRANTED = 0
 local function grant(id, exec, now, lease)
+  local epoch = try('INCR', P .. 'epoch')
+  if not epoch then
+    redis.call('DEL', P .. 'epoch')
+    epoch = redis.call('INCR', P .. 'epoch')
+  end
+  GRANTED = GRANTED + 1
+  local token = digits(epoch) .. '.' .. NONCE .. '.' .. GRANTED
   local f = P .. 'f:' .. id
-  local token = tostring(redis.call('INCR', P .. 'epoch'))
   local att = redis.call('HINCRBY', f, 'att', 1)
   redis.call('HSET', f, 'state', 'running', 'token', token, 'exec', exec, 'started', now)
   redis.call('ZREM', Q, id)
+  redis.call('ZREM', D, id)
   redis.call('ZADD', R, now + lease, id)
   return token, att
 end
 
--- Hand free slots to the most urgent queued flights. Grants for the caller are returned;
--- others are pushed to their executor's channel.
+-- Function and transport flights go to the calling instance if it holds them, else to the
+-- holder with the freshest heartbeat.
+local function pick_holder(id, now)
+  local best, best_score = nil, now
+  for _, h in ipairs(holders(id)) do
+    local s = tonumber(try('ZSCORE', I, h)) or 0
+    if h == ME and s > now then return h end
+    if s > best_score then best, best_score = h, s end
+  end
+  return best
+end
+
+-- Queued requests go to the calling worker when it is alive (it just freed a slot), else
+-- to the freshest one; false when no worker is alive.
+local function request_executor(now)
+  if live(ME, now) then return ME end
+  return redis.call('ZREVRANGEBYSCORE', I, '+inf', now, 'LIMIT', 0, 1)[1] or false
+end
+
+local function push_grant(exec, id, token, att, lease, kind, digest, out)
+  if exec == ME then
+    out[#out + 1] = { id, token, att, lease, kind, digest }
+  else
+    redis.call('PUBLISH', P .. 'i:' .. exec, 'g ' .. id .. ' ' .. token .. ' ' .. digits(att)
+      .. ' ' .. digits(lease) .. ' ' .. kind .. ' ' .. digest)
+  end
+end
+
+-- Hand free slots to the most urgent queued flights that can run now. Grants for the
+-- caller are returned in out; others are pushed to their executor's channel. A queued
+-- request with no live worker keeps its place until a worker appears; unclaimed past the
+-- deadline stamped at its submission (the shared retention), it fails with NoExecutor. A
+-- flight whose every holder is gone fails.
 local function fill(now, out)
-  local max = cfg('max_concurrent', 100)
+  local max = C.max_concurrent
   local lease = lease_ms()
+  local running = redis.call('ZCARD', R)
+  local worker = nil  -- the request executor, looked up once
+  local skipped = 0
   for _ = 1, 1000 do
-    if max > 0 and redis.call('ZCARD', R) >= max then return end
-    local id = redis.call('ZRANGE', Q, 0, 0)[1]
-    if not id then return end
-    local kind, digest = unpack(redis.call('HMGET', P .. 'f:' .. id, 'kind', 'digest'))
-    if not kind then
-      redis.call('ZREM', Q, id)  -- its hash is gone: self-heal
-    else
-      local exec = pick_executor(id, kind, now)
-      if exec then
-        local token, att = grant(id, exec, now, lease)
-        if exec == ME then
-          out[#out + 1] = { id, token, att, lease, kind, digest or '' }
-        else
-          redis.call('PUBLISH', P .. 'i:' .. exec, 'g ' .. id .. ' ' .. token .. ' ' .. att
-            .. ' ' .. lease .. ' ' .. kind .. ' ' .. (digest or ''))
-        end
+    if max > 0 and running >= max then return end
+    local id = redis.call('ZRANGE', Q, skipped, skipped)[1]
+    if not id or skipped >= 200 then return end
+    local fields = flight(id, 'kind', 'digest', 'att', 'deadline')
+    local kind, digest, att = fields and fields[1], fields and fields[2], fields and int(fields[3])
+    if fields == nil or (not kind and not digest) then
+      redis.call('ZREM', Q, id)  -- its hash is gone (or is no hash): self-heal
+      if fields == nil then redis.call('DEL', P .. 'f:' .. id) end
+    elseif not KINDS[kind] or att == nil or type(digest) ~= 'string' or #digest > 128 then
+      quarantine(id, 'kind, digest or att')
+    elseif kind == 'request' then
+      local deadline = int(fields[4])
+      if worker == nil then worker = request_executor(now) end
+      if deadline == nil then
+        quarantine(id, 'deadline')
+      elseif now > deadline then
+        fail(id, 'NoExecutor', 'no worker claimed this queued request within the retention '
+          .. 'from its submission')
+      elseif worker then
+        local token, a = grant(id, worker, now, lease)
+        push_grant(worker, id, token, a, lease, kind, digest, out)
+        running = running + 1
       else
-        fail(id, 'NoExecutor', 'every instance that could run this flight is gone')
+        skipped = skipped + 1
+      end
+    else
+      local exec = pick_holder(id, now)
+      if exec then
+        local token, a = grant(id, exec, now, lease)
+        push_grant(exec, id, token, a, lease, kind, digest, out)
+        running = running + 1
+      else
+        fail(id, 'NoHolder', 'every instance waiting on this flight is gone')
       end
     end
   end
@@ -148,6 +281,6 @@ end
 
 -- Checks an executor's lease token; returns true when it still owns the flight.
 local function owns(id, token)
-  local state, tok = unpack(redis.call('HMGET', P .. 'f:' .. id, 'state', 'token'))
-  return state == 'running' and tok == token
+  local fields = flight(id, 'state', 'token')
+  return fields ~= nil and fields[1] == 'running' and fields[2] == token
 end

@@ -5,20 +5,24 @@
 -- KEYS[6] inst:<me>
 -- ARGV[4] heartbeat ttl ms  ARGV[5] instance info JSON  ARGV[6] list my running grants 0|1
 -- returns {grants, ms to next retry or -1, ms to next lease expiry or -1, my grants,
---          config as a flat list, number of flights reaped}
+--          shared config (values in config.SHARED_FIELDS order), flights reaped}
+--       | 'noconfig'
+if not load_config() then return 'noconfig' end
 local now = now_ms()
-local hb = tonumber(ARGV[4])
-redis.call('ZADD', I, now + hb, ME)
-redis.call('SET', KEYS[6], ARGV[5], 'PX', hb)
+beat(now, tonumber(ARGV[4]), ARGV[5])
 local reaped = 0
 
-local max_retries = cfg('max_retries', 3)
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', R, '-inf', now, 'LIMIT', 0, 500)) do
-  local att = redis.call('HGET', P .. 'f:' .. id, 'att')
+  local fields = flight(id, 'att', 'state')
   reaped = reaped + 1
-  if not att then
-    redis.call('ZREM', R, id)
-  elseif tonumber(att) > max_retries then
+  if fields == nil then
+    quarantine(id, 'not a hash')
+  elseif fields[2] ~= 'running' then
+    redis.call('ZREM', R, id)  -- gone, or not running: not a lease any more
+    if fields[2] and not STATES[fields[2]] then quarantine(id, 'state') end
+  elseif int(fields[1]) == nil then
+    quarantine(id, 'att')
+  elseif int(fields[1]) > C.max_retries then
     fail(id, 'LeaseExpired', 'the executor stopped answering past its lease on every attempt')
   else
     requeue(id)
@@ -26,10 +30,11 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', R, '-inf', now, 'LIMIT', 0, 500)
 end
 
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', I, '-inf', now, 'LIMIT', 0, 100)) do
-  for _, id in ipairs(redis.call('SMEMBERS', P .. 'held:' .. dead)) do
-    redis.call('SREM', P .. 'h:' .. id, dead)
-    local kind, state = unpack(redis.call('HMGET', P .. 'f:' .. id, 'kind', 'state'))
-    if kind and kind ~= 'request' and state ~= 'running' and not has_live_holder(id, now) then
+  for _, id in ipairs(try('SMEMBERS', P .. 'held:' .. dead) or {}) do
+    try('SREM', P .. 'h:' .. id, dead)
+    local fields = flight(id, 'kind', 'state')
+    if fields and KINDS[fields[1]] and fields[1] ~= 'request' and fields[2] ~= 'running'
+        and fields[2] and not has_live_holder(id, now) then
       fail(id, 'NoHolder', 'every instance waiting on this flight is gone')
       reaped = reaped + 1
     end
@@ -39,7 +44,16 @@ for _, dead in ipairs(redis.call('ZRANGEBYSCORE', I, '-inf', now, 'LIMIT', 0, 10
 end
 
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', D, '-inf', now, 'LIMIT', 0, 500)) do
-  if redis.call('EXISTS', P .. 'f:' .. id) == 1 then requeue(id) else redis.call('ZREM', D, id) end
+  local fields = flight(id, 'state')
+  if fields and fields[1] == 'delayed' then
+    requeue(id)
+  elseif fields and fields[1] and STATES[fields[1]] then
+    redis.call('ZREM', D, id)  -- queued or running elsewhere: a stale entry
+  elseif fields and not fields[1] then
+    redis.call('ZREM', D, id)  -- gone
+  else
+    quarantine(id, 'state')
+  end
 end
 
 local out = {}
@@ -53,12 +67,14 @@ end
 
 local mine = {}
 if ARGV[6] == '1' then
+  local lease = lease_ms()
   for _, id in ipairs(redis.call('ZRANGE', R, 0, -1)) do
-    local exec, token, att, kind, digest = unpack(redis.call('HMGET', P .. 'f:' .. id,
-      'exec', 'token', 'att', 'kind', 'digest'))
-    if exec == ME then
-      mine[#mine + 1] = { id, token, tonumber(att), lease_ms(), kind, digest or '' }
+    local fields = flight(id, 'exec', 'token', 'att', 'kind', 'digest')
+    local att = fields and int(fields[3])
+    if fields and fields[1] == ME and att and type(fields[2]) == 'string'
+        and KINDS[fields[4]] and type(fields[5]) == 'string' then
+      mine[#mine + 1] = { id, fields[2], att, lease, fields[4], fields[5] }
     end
   end
 end
-return { out, next_in(D), next_in(R), mine, redis.call('HGETALL', P .. 'config'), reaped }
+return { out, next_in(D), next_in(R), mine, C_RAW, reaped }

@@ -3,15 +3,21 @@
 -- with this attempt uncounted; with drop 1 this instance also stops holding it.
 -- KEYS[1] f:<id>  KEYS[2] held:<me>  KEYS[3] queue  KEYS[4] running  KEYS[5] config
 -- ARGV[4] id  ARGV[5] token  ARGV[6] drop 0|1
--- returns {'released', grants} | {'lost'}
+-- returns {'released', grants} | {'lost'} | 'noconfig'
 local id, token = ARGV[4], ARGV[5]
+if not load_config() then return 'noconfig' end
 if not owns(id, token) then return { 'lost' } end
-redis.call('HINCRBY', KEYS[1], 'att', -1)
-if ARGV[6] == '1' then
-  redis.call('SREM', P .. 'h:' .. id, ME)
-  redis.call('SREM', KEYS[2], id)
+local att = int(flight(id, 'att')[1])
+if att == nil then
+  quarantine(id, 'att')
+else
+  redis.call('HSET', KEYS[1], 'att', math.max(att - 1, 0))
+  if ARGV[6] == '1' then
+    try('SREM', P .. 'h:' .. id, ME)
+    try('SREM', KEYS[2], id)
+  end
+  requeue(id)
 end
-requeue(id)
 local out = {}
 fill(now_ms(), out)
 return { 'released', out }

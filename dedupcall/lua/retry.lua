@@ -4,23 +4,31 @@
 -- KEYS[1] f:<id>  KEYS[2] r:<id>  KEYS[3] queue  KEYS[4] delayed  KEYS[5] running  KEYS[6] config
 -- ARGV[4] id  ARGV[5] token  ARGV[6] final failure result  ARGV[7] jitter in [0,1)
 -- ARGV[8] retry-after ms (0: none)
--- returns {'retrying', delay ms, grants} | {'failed', grants} | {'lost', stored result or false}
+-- returns {'retrying', delay ms, grants} | {'failed', grants}
+--       | {'lost', stored result or false} | 'noconfig'
 local id, token = ARGV[4], ARGV[5]
+if not load_config() then return 'noconfig' end
 if not owns(id, token) then
-  return { 'lost', redis.call('GET', KEYS[2]) }
+  return { 'lost', try('GET', KEYS[2]) or false }
 end
 local now = now_ms()
 local out = {}
-local att = tonumber(redis.call('HGET', KEYS[1], 'att'))
-if att > cfg('max_retries', 3) then
-  local cf = redis.call('HGET', KEYS[1], 'cf')
-  finish(id, ARGV[6], cf == '1', cf == '1' and math.floor(cfg('result_ttl', 3600) * 1000) or 0)
+local fields = flight(id, 'att', 'ttl', 'cf')
+local att = int(fields[1])
+if att == nil or att > C.max_retries then
+  -- A failure cached after the last attempt lives as long as a success would.
+  local ttl_ms = 0
+  if fields[3] == '1' then
+    ttl_ms = int(fields[2]) or -1
+    if ttl_ms < 0 then ttl_ms = math.floor(C.result_ttl * 1000) end
+  end
+  finish(id, ARGV[6], ttl_ms, -1)
   fill(now, out)
   return { 'failed', out }
 end
-local base = cfg('retry_delay', 1) * 1000 * 2 ^ (att - 1)
+local base = C.retry_delay * 1000 * 2 ^ math.min(att - 1, 40)
 local delay = math.floor(math.min(base / 2 + tonumber(ARGV[7]) * base / 2, 3600000))
-delay = math.max(delay, tonumber(ARGV[8]))
+delay = math.max(delay, math.min(tonumber(ARGV[8]), 3600000))
 redis.call('ZREM', R, id)
 redis.call('HSET', KEYS[1], 'state', 'delayed')
 redis.call('HDEL', KEYS[1], 'token', 'exec')
