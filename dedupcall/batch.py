@@ -49,9 +49,9 @@ class Batcher:
             return await self._lone.execute_command(*args)  # type: ignore[no-untyped-call]
         except ConnectionError:
             # The kept connection died under us (a restart, a failover): once more on a
-            # fresh one. Every command sent here is safe to repeat: a repeated submit
-            # joins its own flight, a repeated completion is refused and returns the
-            # stored result.
+            # fresh one (the failure disconnected it). Every command sent here is safe to
+            # repeat: a repeated submit joins its own flight, a repeated completion is
+            # refused and returns the stored result.
             return await self._lone.execute_command(*args)  # type: ignore[no-untyped-call]
 
     def _enqueue(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
@@ -77,12 +77,22 @@ class Batcher:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+    async def _pipeline(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> Any:
         pipe = self._client.pipeline(transaction=False)
         for args, _ in batch:
             pipe.execute_command(*args)
+        return await pipe.execute(raise_on_error=False)
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         try:
-            replies = await pipe.execute(raise_on_error=False)
+            try:
+                replies = await self._pipeline(batch)
+            except ConnectionError:
+                # A pooled connection the server closed (a restart, a failover): its idle
+                # siblings are as stale, so drop them, then send once more on a fresh one.
+                # Safe to repeat, as for lone commands (see _send_lone).
+                await self._client.connection_pool.disconnect(inuse_connections=False)
+                replies = await self._pipeline(batch)
         except BaseException as exc:  # the connection failed: every command in it did
             for _, future in batch:
                 _settle(future, error=exc)

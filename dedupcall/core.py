@@ -786,15 +786,28 @@ class Dedup:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         first = True
+        outage: float | None = None  # since when Redis has been unreachable
         while True:
             watch = self._notifier.watch(request_id)
             try:
                 pushed = watch.result() if watch.done() else None
                 if pushed:  # it just finished and the result rode in the push
                     return self._decode_result(pushed, cached=first)
-                raw, exists = await self.store.read_result(
-                    request_id, check_flight=first or pushed is None
-                )
+                try:
+                    raw, exists = await self.store.read_result(
+                        request_id, check_flight=first or pushed is None
+                    )
+                except RedisUnavailable:
+                    # Ride out a short outage (a restart, a failover), as callers do.
+                    outage = outage or time.monotonic()
+                    limit = max(self.config.lock_timeout, 2 * self.config.socket_timeout)
+                    if time.monotonic() - outage > limit or (
+                        deadline is not None and loop.time() >= deadline
+                    ):
+                        raise
+                    await asyncio.sleep(min(0.5, self.config.poll_interval))
+                    continue
+                outage = None
                 if raw is not None:
                     return self._decode_result(raw, cached=first)
                 if not exists:

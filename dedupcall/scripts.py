@@ -8,7 +8,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import ConnectionError, NoScriptError
 
 from dedupcall.batch import Batcher
 from dedupcall.config import BOUNDS, PRIORITY_LIMIT, SHARED_FIELDS
@@ -69,18 +69,25 @@ class Scripts:
             pipe.script_load(script.script)
         await pipe.execute()
 
-    async def run(
-        self, name: str, keys: list[str], args: list[Any], client: Redis | None = None
-    ) -> Any:
-        """Run script ``name`` with ``keys`` and ``args``, optionally on another client."""
-        return await self._scripts[name](keys=keys, args=args, client=client)
+    async def run(self, name: str, keys: list[str], args: list[Any], client: Redis) -> Any:
+        """Run script ``name`` with ``keys`` and ``args`` on ``client``; reloaded after
+        NOSCRIPT, and sent once more after a connection the server had closed."""
+        try:
+            return await self._scripts[name](keys=keys, args=args, client=client)
+        except ConnectionError:
+            # Its idle siblings are as stale (a restart, a failover): drop them first.
+            await client.connection_pool.disconnect(inuse_connections=False)
+            return await self._scripts[name](keys=keys, args=args, client=client)
 
     async def run_batched(
         self, name: str, keys: list[str], args: list[Any], batcher: Batcher
     ) -> Any:
-        """Run script ``name`` in the next automatic pipeline; reload it after NOSCRIPT."""
+        """Run script ``name`` in the next automatic pipeline; after NOSCRIPT (a restart,
+        a failover, SCRIPT FLUSH) load it and run it again, through the batcher too."""
         script = self._scripts[name]
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         try:
-            return await batcher.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await batcher.execute(*command)
         except NoScriptError:
-            return await script(keys=keys, args=args)  # loads it, then runs it
+            await batcher.execute("SCRIPT", "LOAD", script.script)
+            return await batcher.execute(*command)

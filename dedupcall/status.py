@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from typing import Any
 
+from redis.asyncio.client import Pipeline
+
 from dedupcall import codec
 from dedupcall.config import decode_shared
-from dedupcall.errors import ConfigError
+from dedupcall.errors import ConfigError, RedisUnavailable
 from dedupcall.metrics import BUCKETS
 from dedupcall.models import InstanceInfo, QueueItem, QueueStatus
-from dedupcall.store import Store, redis_errors
+from dedupcall.store import Store
 
 FLIGHT_FIELDS = ["key", "kind", "prio", "att", "state", "created", "exec"]
 
@@ -24,36 +25,41 @@ async def items(store: Store, ids: list[str]) -> list[QueueItem]:
     """The unfinished flights among ``ids``, in that order (finished ones are skipped)."""
     if not ids:
         return []
-    pipe = store.redis.pipeline(transaction=False)
-    pipe.time()
-    for rid in ids:
-        pipe.hmget(store.keys.flight(rid), FLIGHT_FIELDS)
-        pipe.scard(store.keys.holders(rid))
-    with redis_errors():
-        replies = await pipe.execute()
+
+    def build(pipe: Pipeline) -> None:
+        pipe.time()
+        for rid in ids:
+            pipe.hmget(store.keys.flight(rid), FLIGHT_FIELDS)
+            pipe.scard(store.keys.holders(rid))
+
+    replies = await store.pipeline(build, raise_on_error=False)
+    if isinstance(replies[0], Exception):
+        raise RedisUnavailable(f"{type(replies[0]).__name__}: {replies[0]}")
     now_ms = _ms(replies[0])
     out = []
     for i, rid in enumerate(ids):
         fields, holders = replies[1 + 2 * i], replies[2 + 2 * i]
+        if not isinstance(fields, list):
+            continue  # not a hash (hand-corrupted): the scripts fail it on their next pass
         key, kind, prio, att, state, created, executor = (
-            f.decode("utf-8", "replace") if f is not None else None for f in fields
+            f.decode("utf-8", "replace") if isinstance(f, bytes) else None for f in fields
         )
         if state is None:
             continue
-        with contextlib.suppress(TypeError, ValueError):  # malformed flight: not listed
-            out.append(
-                QueueItem(
-                    request_id=rid,
-                    key=key or "",
-                    kind=kind or "",
-                    priority=int(prio or 0),
-                    attempts=int(att or 0),
-                    state=state,
-                    age=max(0.0, (now_ms - int(created or now_ms)) / 1000),
-                    executor=executor,
-                    waiters=int(holders),
-                )
+        # Shown even when a field is malformed (as 0), so an operator can see it.
+        out.append(
+            QueueItem(
+                request_id=rid,
+                key=key or "",
+                kind=kind or "",
+                priority=_int(prio),
+                attempts=_int(att),
+                state=state,
+                age=max(0.0, (now_ms - (_int(created) or now_ms)) / 1000),
+                executor=executor,
+                waiters=holders if isinstance(holders, int) else 0,
             )
+        )
     return out
 
 
@@ -63,21 +69,22 @@ async def all_items(store: Store, limit: int | None = None) -> list[QueueItem]:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ConfigError(f"limit must be an int >= 1 or None, got {limit!r}")
     k, last = store.keys, -1 if limit is None else limit - 1
-    pipe = store.redis.pipeline(transaction=False)
-    pipe.zrange(k.running, 0, last)
-    pipe.zrange(k.queue, 0, last)
-    pipe.zrange(k.delayed, 0, last)
-    with redis_errors():
-        running, queued, delayed = await pipe.execute()
-    return await items(store, [x.decode() for x in [*running, *queued, *delayed]])
+    running, queued, delayed = await store.pipeline(
+        lambda p: (
+            p.zrange(k.running, 0, last),
+            p.zrange(k.queue, 0, last),
+            p.zrange(k.delayed, 0, last),
+        )
+    )
+    ids = [x.decode("utf-8", "replace") for x in [*running, *queued, *delayed]]
+    return await items(store, ids)
 
 
 async def active_ids(store: Store, key: str | bytes, kinds: list[str]) -> list[str]:
     """Ids of the unfinished flights for ``key``, one lookup per kind."""
     names = [store.keys.active(codec.key_digest(kind, key)) for kind in kinds]
-    with redis_errors():
-        ids = await store.redis.mget(names)
-    return [rid.decode() for rid in ids if isinstance(rid, bytes)]
+    replies = await store.pipeline(lambda p: [p.get(name) for name in names], raise_on_error=False)
+    return [rid.decode("utf-8", "replace") for rid in replies if isinstance(rid, bytes)]
 
 
 async def queue_status(store: Store, local_config: dict[str, Any]) -> tuple[QueueStatus, list[str]]:
@@ -85,18 +92,25 @@ async def queue_status(store: Store, local_config: dict[str, Any]) -> tuple[Queu
     names of shared settings missing or malformed in Redis (``local_config`` stands in
     for them: for an instance, what it restores on its next call)."""
     k = store.keys
-    pipe = store.redis.pipeline(transaction=False)
-    pipe.time()
-    pipe.zcard(k.queue)
-    pipe.zcard(k.running)
-    pipe.zcard(k.delayed)
-    pipe.zrange(k.instances, 0, -1, withscores=True)
-    with redis_errors():
-        now, queued, running, delayed, members = await pipe.execute()
-        cfg = await store.shared_config()
-        now_ms = _ms(now)
-        live = _live(members, now_ms)
-        infos = await store.redis.mget([k.instance_info(i) for i, _ in live]) if live else []
+    now, queued, running, delayed, members = await store.pipeline(
+        lambda p: (
+            p.time(),
+            p.zcard(k.queue),
+            p.zcard(k.running),
+            p.zcard(k.delayed),
+            p.zrange(k.instances, 0, -1, withscores=True),
+        )
+    )
+    cfg = await store.shared_config()
+    now_ms = _ms(now)
+    live = _live(members, now_ms)
+    infos = (
+        await store.pipeline(
+            lambda p: [p.get(k.instance_info(i)) for i, _ in live], raise_on_error=False
+        )
+        if live
+        else []
+    )
     instances = []
     for (iid, expires), raw in zip(live, infos, strict=True):
         info = _json_object(raw)
@@ -131,11 +145,20 @@ def _live(members: list[tuple[bytes, float]], now_ms: int) -> list[tuple[str, fl
     return [(m.decode("utf-8", "replace"), s) for m, s in members if s > now_ms]
 
 
+def _int(text: str | None) -> int:
+    try:
+        return int(text or 0)
+    except ValueError:
+        return 0
+
+
 def _count(reply: Any) -> int:
     return reply if isinstance(reply, int) else 0  # a structure of the wrong type: empty
 
 
-def _json_object(raw: bytes | str | None) -> dict[str, Any]:
+def _json_object(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, (bytes, str)):
+        return {}  # absent, or a key of the wrong type
     try:
         value = json.loads(raw) if raw else {}
     except (ValueError, RecursionError):

@@ -15,10 +15,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ConnectionError, RedisError
 
 from dedupcall.batch import Batcher
 from dedupcall.config import SHARED_FIELDS, Config, SentinelTarget, parse_sentinel_url
@@ -325,35 +326,66 @@ class Store:
         return int(await self._run("clear", [k.queue, k.delayed, k.running], [batch]))
 
     # --- plain reads and writes -------------------------------------------------------
+    async def pipeline(
+        self,
+        build: Callable[[Pipeline], object],
+        *,
+        transaction: bool = False,
+        raise_on_error: bool = True,
+    ) -> list[Any]:
+        """Send what ``build(pipe)`` queues as one pipeline; its replies. Sent once more on
+        a fresh connection when the server had closed the pooled one (every pipeline sent
+        here is safe to repeat). Redis errors leave as ``RedisUnavailable``; with
+        ``raise_on_error=False``, a command's own error (WRONGTYPE) is its reply."""
+
+        async def send() -> list[Any]:
+            pipe = self.redis.pipeline(transaction=transaction)
+            build(pipe)
+            return list(await pipe.execute(raise_on_error=raise_on_error))
+
+        with redis_errors():
+            try:
+                return await send()
+            except ConnectionError:
+                await self.redis.connection_pool.disconnect(inuse_connections=False)
+                return await send()
+
     async def read_result(self, rid: str, *, check_flight: bool) -> tuple[bytes | None, bool]:
         """The stored result of ``rid`` and whether its flight still exists. After a push
         the result is there: one GET. Otherwise (a safety poll) GET and EXISTS together."""
-        with redis_errors():
-            if not check_flight:
+        if not check_flight:
+            with redis_errors():
                 found = await self.batcher.execute("GET", self.keys.result(rid))
-                if isinstance(found, bytes):
-                    return found, True
-            # MULTI: a completion between the two reads must not look like a lost flight.
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.get(self.keys.result(rid))
-            pipe.exists(self.keys.flight(rid))
-            raw, exists = await pipe.execute()
-        return raw, bool(exists)
+            if isinstance(found, bytes):
+                return found, True
+        # MULTI: a completion between the two reads must not look like a lost flight.
+        raw, exists = await self.pipeline(
+            lambda p: (p.get(self.keys.result(rid)), p.exists(self.keys.flight(rid))),
+            transaction=True,
+            raise_on_error=False,
+        )
+        if isinstance(exists, Exception):
+            raise RedisUnavailable(f"{type(exists).__name__}: {exists}")
+        return (raw if isinstance(raw, bytes) else None), bool(exists)
 
     async def flight_payload(self, rid: str) -> tuple[str, bytes | None]:
-        """A queued request's readable key and payload."""
-        with redis_errors():
-            key, payload = await self.redis.hmget(self.keys.flight(rid), ["key", "payload"])
+        """A queued request's readable key and payload (None when its record is not a
+        readable hash: the attempt fails it as malformed)."""
+        (found,) = await self.pipeline(
+            lambda p: p.hmget(self.keys.flight(rid), ["key", "payload"]), raise_on_error=False
+        )
+        if not isinstance(found, list):
+            return "", None
+        key, payload = found
         text = key.decode("utf-8", "replace") if isinstance(key, bytes) else ""
         return text, payload if isinstance(payload, bytes) else None
 
     async def shared_config(self) -> dict[str, bytes]:
-        """The shared config hash as Redis holds it (fields not yet checked)."""
-        with redis_errors():
-            try:
-                raw = await self.redis.hgetall(self.keys.config)
-            except ResponseError:  # not a hash (hand-corrupted): nothing valid in it
-                return {}
+        """The shared config hash as Redis holds it (fields not yet checked; empty when it
+        is not a hash at all)."""
+        (raw,) = await self.pipeline(lambda p: p.hgetall(self.keys.config), raise_on_error=False)
+        if not isinstance(raw, dict):
+            return {}
         return {
             k.decode("utf-8", "replace"): v
             for k, v in raw.items()
@@ -362,8 +394,9 @@ class Store:
 
     async def write_shared_config(self, fields: dict[str, str]) -> None:
         """Write shared config and tell every instance, in one transaction."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self.keys.config, mapping=dict(fields))  # type: ignore[arg-type]
-        pipe.publish(self.keys.control_channel, "config")
-        with redis_errors():
-            await pipe.execute()
+
+        def build(pipe: Pipeline) -> None:
+            pipe.hset(self.keys.config, mapping=dict(fields))  # type: ignore[arg-type]
+            pipe.publish(self.keys.control_channel, "config")
+
+        await self.pipeline(build, transaction=True)

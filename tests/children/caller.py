@@ -6,12 +6,14 @@ mode ("call" | "config" | "worker"), and per mode:
   makes the call kill the process that runs it
 - config: expect (dict of shared values to wait for), within (seconds)
 - submit: api_path, target (url): queue one GET request, print its id, then hang
-- worker: runs until SIGTERM, then drains and exits 0
+- worker: runs until SIGTERM, then drains and exits 0; prints "config {...}" whenever
+  the shared config it follows changes
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -77,7 +79,13 @@ async def run_worker(dedup: Dedup) -> dict:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     print("working", flush=True)
-    await stop.wait()
+    seen = None
+    while not stop.is_set():  # report the shared config as this instance follows it
+        if dedup.config.shared() != seen:
+            seen = dedup.config.shared()
+            print("config " + json.dumps(seen), flush=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.01)
     return {}
 
 
