@@ -504,6 +504,7 @@ class Dedup:
 
     async def _drive(self, lf: LocalFlight) -> None:
         """Take part in the Redis flight for ``lf`` until it resolves or every caller left."""
+        evicted = False
         try:
             while True:
                 # Known locally before Redis knows it: a grant for it may arrive (a sweep's
@@ -517,7 +518,14 @@ class Dedup:
                     self._track(lf, rid)
                 self._log_submit(verdict, rid, proposed, lf.key)
                 if verdict == "cached":
-                    lf.resolve(self._decode_result(reply[2], cached=True))
+                    result = self._decode_result(reply[2], cached=True)
+                    if result.error_type == "MalformedResult" and not evicted:
+                        # A stored answer that cannot be read answers nobody: evict it.
+                        evicted = True
+                        await self.store.evict(lf.digest)
+                        self._untrack(lf, rid)
+                        continue
+                    lf.resolve(result)
                     return
                 if verdict == "granted":
                     grant = Grant.from_reply([rid, *reply[2:5], lf.kind, lf.digest])
@@ -746,9 +754,15 @@ class Dedup:
                 hdrs.items(), self.config.credential_headers, self.config.key_secret
             ),
         )
-        proposed = uuid.uuid4().hex
-        reply = await self._submit(lf, proposed)
-        verdict, rid = reply[0].decode(), str(reply[1].decode())
+        for evicted in (False, True):
+            proposed = uuid.uuid4().hex
+            reply = await self._submit(lf, proposed)
+            verdict, rid = reply[0].decode(), str(reply[1].decode())
+            if verdict != "cached" or evicted:
+                break
+            if self._decode_result(reply[2]).error_type != "MalformedResult":
+                break
+            await self.store.evict(lf.digest)  # a stored answer that cannot be read
         if verdict == "conflict":
             if reply[2] == b"credentials":
                 why = (

@@ -147,9 +147,10 @@ def _live(members: list[tuple[bytes, float]], now_ms: int) -> list[tuple[str, fl
 
 def _int(text: str | None) -> int:
     try:
-        return int(text or 0)
+        value = int(text or 0)
     except ValueError:
         return 0
+    return value if abs(value) < 2**53 else 0
 
 
 def _count(reply: Any) -> int:

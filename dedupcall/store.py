@@ -380,6 +380,11 @@ class Store:
         text = key.decode("utf-8", "replace") if isinstance(key, bytes) else ""
         return text, payload if isinstance(payload, bytes) else None
 
+    async def evict(self, digest: str) -> None:
+        """Drop the cached answer of a key (it cannot be read)."""
+        with redis_errors():
+            await self.batcher.execute("DEL", self.keys.cache(digest))
+
     async def shared_config(self) -> dict[str, bytes]:
         """The shared config hash as Redis holds it (fields not yet checked; empty when it
         is not a hash at all)."""

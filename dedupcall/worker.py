@@ -212,7 +212,12 @@ class Worker:
 
     def on_grants(self, replies: list[Any]) -> None:
         for reply in replies:
-            self.on_grant(Grant.from_reply(reply))
+            try:
+                grant = Grant.from_reply(reply)
+            except ValueError as exc:  # never fatal: its lease runs out, the sweep hands it on
+                log.warning("dedupcall ignored a grant: %s", exc)
+                continue
+            self.on_grant(grant)
 
     async def execute(self, grant: Grant, attempt: Attempt) -> Finished:
         """Run one attempt under its lease, then complete or retry it (fenced by the token)."""
@@ -431,6 +436,12 @@ class Worker:
                 self._want_mine = True
                 log.warning(
                     "dedupcall sweep failed: %s", exc, extra={"instance_id": self.dedup.instance_id}
+                )
+            except Exception:  # never fatal: the sweep is what recovers everything else
+                self._want_mine = True
+                log.exception(
+                    "dedupcall sweep failed unexpectedly",
+                    extra={"instance_id": self.dedup.instance_id},
                 )
             # Spread instances' sweeps so they don't all hit Redis at the same instant.
             await self._wake_sweep.sleep(max(0.001, wait * random.uniform(0.9, 1.0)))

@@ -13,13 +13,16 @@ beat(now, tonumber(ARGV[4]), ARGV[5])
 local reaped = 0
 
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', R, '-inf', now, 'LIMIT', 0, 500)) do
-  local fields = flight(id, 'att', 'state')
+  local fields = flight(id, 'att', 'state', 'kind')
   reaped = reaped + 1
   if fields == nil then
     quarantine(id, 'not a hash')
   elseif fields[2] ~= 'running' then
     redis.call('ZREM', R, id)  -- gone, or not running: not a lease any more
-    if fields[2] and not STATES[fields[2]] then quarantine(id, 'state') end
+    local exists = fields[1] or fields[2] or fields[3]
+    if exists and fields[2] ~= 'queued' and fields[2] ~= 'delayed' then
+      quarantine(id, 'state')
+    end
   elseif int(fields[1]) == nil then
     quarantine(id, 'att')
   elseif int(fields[1]) > C.max_retries then
@@ -71,7 +74,7 @@ if ARGV[6] == '1' then
   for _, id in ipairs(redis.call('ZRANGE', R, 0, -1)) do
     local fields = flight(id, 'exec', 'token', 'att', 'kind', 'digest')
     local att = fields and int(fields[3])
-    if fields and fields[1] == ME and att and type(fields[2]) == 'string'
+    if fields and fields[1] == ME and att and type(fields[2]) == 'string' and fields[2] ~= ''
         and KINDS[fields[4]] and type(fields[5]) == 'string' then
       mine[#mine + 1] = { id, fields[2], att, lease, fields[4], fields[5] }
     end
