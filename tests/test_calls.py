@@ -90,6 +90,35 @@ async def test_retries_stop_after_max_retries(make_dedup: Callable[..., Dedup]) 
     assert info.value.attempts == 3
 
 
+async def test_a_failure_cached_after_its_last_retry_lives_for_the_flights_ttl(
+    make_dedup: Callable[..., Dedup],
+) -> None:
+    from dedupcall.codec import key_digest
+
+    dedup = make_dedup(max_retries=1, result_ttl=3600.0)
+    runs = 0
+
+    async def always() -> None:
+        nonlocal runs
+        runs += 1
+        raise ConnectionError("down")
+
+    options = {"retry_on": ConnectionError, "cache_failures": True, "ttl": 0.5}
+    with pytest.raises(CallFailed):
+        await dedup.call("/down-ttl", always, **options)
+    assert runs == 2
+    cache = dedup.keys.cache(key_digest("function", "/down-ttl"))
+    assert 0 < await dedup.store.redis.pttl(cache) <= 500  # the flight's ttl, not result_ttl
+    with pytest.raises(CallFailed):
+        await dedup.call("/down-ttl", always, **options)
+    assert runs == 2  # served from the cache meanwhile
+    while await dedup.store.redis.exists(cache):
+        await asyncio.sleep(0.05)
+    with pytest.raises(CallFailed):
+        await dedup.call("/down-ttl", always, **options)
+    assert runs == 4
+
+
 async def test_unserializable_result_names_function_and_key(dedup: Dedup) -> None:
     async def weird() -> object:
         return {"when": object()}

@@ -55,8 +55,10 @@ async def corrupt(raw: aioredis.Redis, key: str, field: str, value: str | None) 
 
 
 async def wrong_type(raw: aioredis.Redis, key: str) -> None:
-    await raw.delete(key)
-    await raw.rpush(key, "not", "a", "hash")
+    pipe = raw.pipeline(transaction=True)  # atomic: a sweep may write the key meanwhile
+    pipe.delete(key)
+    pipe.rpush(key, "not", "a", "hash")
+    await pipe.execute()
 
 
 async def renders(dedup: Dedup) -> None:
