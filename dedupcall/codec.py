@@ -81,10 +81,30 @@ def credential_digest(
     )
     if not found:
         return ""
-    data = "\n".join(f"{name}:{value}" for name, value in found)
-    key = secret.encode() if secret else b"dedupcall credentials"
-    mac = hmac.new(key, data.encode("utf-8", "surrogateescape"), hashlib.sha256)
-    return mac.hexdigest()[:32]
+    return keyed_digest("\n".join(f"{name}:{value}" for name, value in found), secret)
+
+
+def vary_digest(
+    headers: Iterable[tuple[str, str]], names: Collection[str], secret: str | None
+) -> str:
+    """A keyed digest of the values of the request headers ``names`` (a response's
+    ``Vary``), absent ones included; two requests match when their digests are equal
+    (whitespace and repeated lines normalised, as RFC 9111 §4.1 allows)."""
+    if not names:
+        return ""
+    values: dict[str, list[str]] = {name.lower(): [] for name in names}
+    for name, value in headers:
+        if name.lower() in values:
+            values[name.lower()].append(",".join(v.strip() for v in value.split(",")))
+    text = "\n".join(f"{name}:{','.join(v)}" for name, v in sorted(values.items()))
+    return keyed_digest(text, secret)
+
+
+def keyed_digest(data: str | bytes, secret: str | None) -> str:
+    """HMAC-SHA256 of ``data`` under ``secret`` (a fixed key without one), shortened."""
+    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogateescape")
+    key = secret.encode() if secret else b"dedupcall"
+    return hmac.new(key, raw, hashlib.sha256).hexdigest()[:32]
 
 
 _QUERY_ITEM = re.compile(r"([?&;])([^=&;#\s]+)=([^&;#\s]*)")
@@ -117,8 +137,10 @@ def result_record(
     error_type: str | None = None,
     message: str | None = None,
     status_code: int | None = None,
+    share: dict[str, Any] | None = None,
 ) -> bytes:
-    """Encode a flight's result. ``data`` must be JSON-serializable."""
+    """Encode a flight's result. ``data`` must be JSON-serializable; ``share`` says who
+    may receive an HTTP answer (``httpcache.Sharing.record``; None: anyone)."""
     record: dict[str, Any] = {
         "ok": ok,
         "id": request_id,
@@ -134,6 +156,8 @@ def result_record(
         record["err"] = {"type": error_type or "Error", "msg": message or ""}
         if data is not None:
             record["data"] = data
+    if share is not None:
+        record["share"] = share
     return dumps(record, what=f"the result for {key!r}")
 
 

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from dedupcall import codec, events, status
+from dedupcall import codec, events, httpcache, status
 from dedupcall.aio import within
 from dedupcall.bridge import SyncBridge
 from dedupcall.config import (
@@ -760,7 +760,23 @@ class Dedup:
             verdict, rid = reply[0].decode(), str(reply[1].decode())
             if verdict != "cached" or evicted:
                 break
-            if self._decode_result(reply[2]).error_type != "MalformedResult":
+            cached = self._decode_result(reply[2])
+            if cached.error_type != "MalformedResult":
+                if (
+                    not httpcache.allowed(
+                        cached.share,
+                        hdrs.items(),
+                        credential_headers=self.config.credential_headers,
+                        secret=self.config.key_secret,
+                    )
+                    and on_conflict != "join"
+                ):
+                    raise ConflictError(
+                        f"the cached answer for {text!r} (request {rid}) varies on headers "
+                        "this request sends differently; pass on_conflict='join' to take it",
+                        request_id=rid,
+                        api_path=text,
+                    )
                 break
             await self.store.evict(lf.digest)  # a stored answer that cannot be read
         if verdict == "conflict":

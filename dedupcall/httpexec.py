@@ -24,6 +24,7 @@ class HttpOutcome:
     error_type: str | None = None
     message: str | None = None
     retry_after_ms: int = 0
+    headers: tuple[tuple[str, str], ...] = ()  # the response's
 
 
 def retry_after_ms(value: str | None) -> int:
@@ -55,8 +56,10 @@ async def send(
     headers: dict[str, str],
     body: dict[str, Any] | None,
     timeout: float,
+    label: str,
 ) -> HttpOutcome:
-    """Send once; 5xx/429/transport errors are retryable, other 4xx final failures."""
+    """Send once; 5xx/429/transport errors are retryable, other 4xx final failures.
+    ``label`` names the request in messages (the URL with its secrets redacted)."""
     kwargs: dict[str, Any] = {"headers": headers, "timeout": timeout}
     if body is not None:
         if "json" in body:
@@ -73,10 +76,15 @@ async def send(
         )
     status = response.status_code
     data = response_data(response)
+    answer_headers = tuple(response.headers.multi_items())
     if status < 400:
-        return HttpOutcome(True, False, status, data)
-    message = f"HTTP {status} from {method} {url}"
+        return HttpOutcome(True, False, status, data, headers=answer_headers)
+    message = f"HTTP {status} from {method} {label}"
     if status in RETRY_STATUSES:
         wait = retry_after_ms(response.headers.get("retry-after"))
-        return HttpOutcome(False, True, status, data, "HTTPStatusError", message, wait)
-    return HttpOutcome(False, False, status, data, "HTTPStatusError", message)
+        return HttpOutcome(
+            False, True, status, data, "HTTPStatusError", message, wait, headers=answer_headers
+        )
+    return HttpOutcome(
+        False, False, status, data, "HTTPStatusError", message, headers=answer_headers
+    )

@@ -21,7 +21,8 @@ class Result:
     ``cached`` is true when the result was already stored when this call or wait began;
     ``executed_by`` is the instance id that ran the successful or last attempt;
     ``outcome`` says how this caller got it: ``executed`` (its process ran the call),
-    ``joined`` (it waited for another caller's run) or ``cached``.
+    ``joined`` (it waited for another caller's run) or ``cached``. ``share`` (HTTP
+    answers) says who else may receive it: None for anyone.
     """
 
     success: bool
@@ -36,6 +37,7 @@ class Result:
     kind: str = "function"
     cached: bool = False
     outcome: str | None = None  # for this caller: executed | joined | cached
+    share: dict[str, Any] | None = None  # who may receive an HTTP answer (httpcache)
 
     @classmethod
     def from_record(cls, record: dict[str, Any], *, cached: bool = False) -> Result:
@@ -53,6 +55,7 @@ class Result:
             status_code=record.get("status"),
             kind=str(record.get("kind", "function")),
             cached=cached,
+            share=record.get("share"),
         )
 
     def to_error(self) -> CallFailed:

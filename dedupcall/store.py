@@ -265,8 +265,9 @@ class Store:
     async def complete(
         self, grant: Grant, record: bytes, ok: bool, cache_ms: int = -1, keep_ms: int = -1
     ) -> Reply:
-        """Store the final result: it answers later callers for ``cache_ms`` (-1: the
-        flight's ttl, 0: none) and can be fetched by id for ``keep_ms`` (-1: retention)."""
+        """Store the final result: it answers later callers for the flight's ttl, capped
+        at ``cache_ms`` (-1: no cap, 0: never) and can be fetched by id for ``keep_ms``
+        (-1: the shared retention)."""
         k, rid = self.keys, grant.request_id
         keys = [k.flight(rid), k.result(rid), k.queue, k.running, k.config]
         args = [rid, grant.token, record, int(ok), cache_ms, keep_ms]

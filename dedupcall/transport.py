@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 
 import httpx
 
-from dedupcall import codec, httpexec
+from dedupcall import codec, httpcache, httpexec
 from dedupcall.aio import within
 from dedupcall.bodies import Captured, TooLarge, read_async, read_sync
 from dedupcall.config import validate_call
@@ -41,38 +41,43 @@ MAX_BODY_BYTES = 10 * 1024 * 1024
 CONDITIONAL_HEADERS = frozenset(
     {"range", "if-range", "if-none-match", "if-modified-since", "if-match", "if-unmodified-since"}
 )
-#: Request headers whose values make two requests different (credentials never appear in
-#: the key: only a digest of them does) or change the response's encoding or language.
-VARY_HEADERS = frozenset(
-    {
-        "authorization",
-        "proxy-authorization",
-        "cookie",
-        "x-api-key",
-        "accept",
-        "accept-encoding",
-        "accept-language",
-        *CONDITIONAL_HEADERS,
-    }
-)
+#: Request headers that change the response's encoding or language: with the default key,
+#: requests that differ in them (or in credentials, or body) never share a flight.
+NEGOTIATION_HEADERS = frozenset({"accept", "accept-encoding", "accept-language"})
+#: Request cache directives that refuse a stored answer: such requests pass through.
+REFUSES_STORED = ("no-cache", "no-store", "max-age=0")
 DEFAULT_CACHE_STATUSES = frozenset(range(200, 300)) - {206}
 REQUEST_OPTIONS = frozenset({"enabled", "key", "ttl", "priority", "timeout"})
+#: How long an answer bound to its requester's credentials (``no-store``, ``private``,
+#: ``Set-Cookie``, ...) stays in Redis: long enough for the flight's joiners to read it;
+#: it never answers a later caller.
+BOUND_KEEP_MS = 30_000
 KeyFunc = Callable[[httpx.Request], "str | None"]
 
 
 def default_key(request: httpx.Request) -> str:
-    """Method, scheme, host, path and sorted query; then a digest of the body, if any,
-    and one of the credential and content-negotiation headers (``VARY_HEADERS``)."""
+    """Method, scheme, host, path and query, its items sorted by name (repeated names
+    keep their order: ``?a=2&a=1`` and ``?a=1&a=2`` are different requests). The body and
+    the credential and content-negotiation headers separate flights too, through a keyed
+    digest that never shows in the readable key (see ``request_partition``)."""
     url = request.url
     text = f"{request.method} {url.scheme}://{url.netloc.decode('ascii')}{url.path}"
     if url.query:
-        text += "?" + urlencode(sorted(url.params.multi_items()))
-    if request.content:
-        text += " body=" + codec.digest(request.content)
-    vary = sorted(f"{k}:{v}" for k, v in request.headers.multi_items() if k in VARY_HEADERS)
-    if vary:
-        text += " vary=" + codec.digest("\n".join(vary).encode("utf-8", "surrogateescape"))
+        items = sorted(url.params.multi_items(), key=lambda item: item[0])
+        text += "?" + urlencode(items)
     return text
+
+
+def request_partition(
+    request: httpx.Request, credential_headers: Collection[str], secret: str | None
+) -> str:
+    """What separates flights of one default key without showing in it: a keyed digest of
+    the credential and content-negotiation headers and of the body ("" when none)."""
+    headers = codec.credential_digest(
+        request.headers.multi_items(), {*credential_headers, *NEGOTIATION_HEADERS}, secret
+    )
+    body = codec.keyed_digest(request.content, secret) if request.content else ""
+    return f"{headers}:{body}" if headers or body else ""
 
 
 class _Handoff:
@@ -122,6 +127,7 @@ class _Options:
         timeout: float | None,
         max_body_bytes: int,
         on_redis_error: str,
+        share_set_cookie: bool,
     ) -> None:
         checked(dedup)
         if isinstance(methods, str) or not all(isinstance(m, str) for m in methods):
@@ -146,6 +152,7 @@ class _Options:
         self.cache_statuses = frozenset(statuses)
         self.max_body_bytes = max_body_bytes
         self.policy = RedisErrorPolicy(on_redis_error)
+        self.share_set_cookie = bool(share_set_cookie)
 
     @staticmethod
     def _flight_options(values: dict[str, Any]) -> dict[str, Any]:
@@ -164,10 +171,12 @@ class _Options:
                 f"{sorted(REQUEST_OPTIONS)}, got {options!r}"
             )
         enabled = options.get("enabled")
+        directives = request.headers.get("cache-control", "").lower()
         if enabled is not True and (
             enabled is False
             or request.method not in self.methods
             or not CONDITIONAL_HEADERS.isdisjoint(request.headers.keys())
+            or any(d in directives for d in REFUSES_STORED)
         ):
             self._count_pass_through()
             return None
@@ -185,9 +194,36 @@ class _Options:
             raise ConfigError(f"a transport key must be str or None, got {type(key).__name__}")
         return key
 
-    def flight_for(self, options: dict[str, Any]) -> dict[str, Any]:
+    def flight_for(
+        self, dedup: Dedup, request: httpx.Request, options: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The flight's options; with the default key, its credentials, negotiation
+        headers and body keep it apart from other requests to the same URL."""
         given = {k: v for k, v in options.items() if k in ("ttl", "priority", "timeout")}
-        return {**self.flight, **self._flight_options(given)} if given else self.flight
+        flight = {**self.flight, **self._flight_options(given)} if given else self.flight
+        if options.get("key") is None and self.key_func is None:
+            config = dedup.config
+            partition = request_partition(request, config.credential_headers, config.key_secret)
+            if partition:
+                flight = {**flight, "partition": partition}
+        return flight
+
+    def mine(self, dedup: Dedup, request: httpx.Request, result: Result) -> bool:
+        """Whether this caller may take an answer it did not fetch itself: one bound to
+        other credentials, or varying on headers this request sends differently, is not
+        its to take (it sends its own request instead)."""
+        if result.outcome == "executed" or result.share is None:
+            return True
+        config = dedup.config
+        if httpcache.allowed(
+            result.share,
+            request.headers.multi_items(),
+            credential_headers=config.credential_headers,
+            secret=config.key_secret,
+        ):
+            return True
+        dedup.count("unshared")
+        return False
 
     def _count_pass_through(self) -> None:
         # Into our Dedup or an existing default: none is built just to count in it.
@@ -197,12 +233,16 @@ class _Options:
 
     # --- the attempt ---------------------------------------------------------------
     def attempt(
-        self, dedup: Dedup, send: Callable[[], Awaitable[Captured]], method: str
+        self,
+        dedup: Dedup,
+        send: Callable[[], Awaitable[Captured]],
+        request: httpx.Request,
+        ttl: float | None,
     ) -> Callable[[str], Attempt]:
         """The attempt factory of a transport flight: ``send()`` the request once
         (bounded by ``execution_timeout``) and classify what came back. A method that is
         not idempotent is sent again only when it surely never left (a failed connect)."""
-        idempotent = method in IDEMPOTENT
+        idempotent = request.method in IDEMPOTENT
 
         def make(key: str) -> Attempt:
             async def attempt(grant: Grant) -> Outcome:
@@ -231,20 +271,48 @@ class _Options:
                     return _failure(fields, type(exc).__name__, str(exc), exc, retry)
                 except Exception as exc:
                     return _failure(fields, type(exc).__name__, str(exc), exc)
-                return self._classify(fields, answer, idempotent)
+                ttl_ms = int((dedup.config.result_ttl if ttl is None else ttl) * 1000)
+                sharing = self._sharing(dedup, request, answer, ttl_ms)
+                return self._classify(fields, answer, idempotent, sharing)
 
             return attempt
 
         return make
 
-    def _classify(self, fields: dict[str, Any], answer: Captured, idempotent: bool) -> Outcome:
+    def _sharing(
+        self, dedup: Dedup, request: httpx.Request, answer: Captured, ttl_ms: int
+    ) -> httpcache.Sharing:
+        latin = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in answer.headers]
+        return httpcache.decide(
+            request.method,
+            str(request.url),
+            request.headers.multi_items(),
+            answer.status,
+            latin,
+            ttl_ms,
+            credential_headers=dedup.config.credential_headers,
+            secret=dedup.config.key_secret,
+            share_set_cookie=self.share_set_cookie,
+        )
+
+    def _classify(
+        self,
+        fields: dict[str, Any],
+        answer: Captured,
+        idempotent: bool,
+        sharing: httpcache.Sharing,
+    ) -> Outcome:
         data = codec.encode_response(
             answer.status, answer.headers, answer.body, answer.http_version, answer.reason
         )
         status = answer.status
+        share = sharing.record()
+        keep = BOUND_KEEP_MS if sharing.bound else -1
         if status in self.cache_statuses:
-            record = codec.result_record(ok=True, data=data, status_code=status, **fields)
-            return Outcome(record, ok=True)
+            record = codec.result_record(
+                ok=True, data=data, status_code=status, share=share, **fields
+            )
+            return Outcome(record, ok=True, cache_ms=sharing.cache_ms, keep_ms=keep)
         retryable = idempotent and status in httpexec.RETRY_STATUSES
         record = codec.result_record(
             ok=False,
@@ -252,10 +320,13 @@ class _Options:
             status_code=status,
             error_type="HTTPStatusError",
             message=f"HTTP {status} for {fields['key']}",
+            share=share,
             **fields,
         )
         wait = httpexec.retry_after_ms(_header(answer.headers, b"retry-after"))
-        return Outcome(record, ok=False, retryable=retryable, retry_after_ms=wait)
+        return Outcome(
+            record, ok=False, retryable=retryable, retry_after_ms=wait, cache_ms=0, keep_ms=keep
+        )
 
     # --- the answer ------------------------------------------------------------------
     @staticmethod
@@ -329,6 +400,8 @@ _OPTIONS_DOC = """
     206). Requests with ``Range`` or conditional (``If-*``) headers pass through.
     ``max_body_bytes``: larger responses go only to the caller that sent the request;
     the others get ``ResponseTooLarge``. ``on_redis_error``: ``"raise"`` or ``"bypass"``.
+    ``share_set_cookie``: let a response that sets a cookie answer other callers (by
+    default it goes only to callers with the same credentials, and is never stored).
     A request may override ``enabled``, ``key``, ``ttl``, ``priority`` and ``timeout`` in
     ``extensions={"dedupcall": {...}}``.
 """
@@ -355,6 +428,7 @@ class _Twin(Generic[Inner]):
         timeout: float | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
         on_redis_error: str = "raise",
+        share_set_cookie: bool = False,
     ) -> None:
         self._options = _Options(
             dedup,
@@ -366,6 +440,7 @@ class _Twin(Generic[Inner]):
             timeout=timeout,
             max_body_bytes=max_body_bytes,
             on_redis_error=on_redis_error,
+            share_set_cookie=share_set_cookie,
         )
         self._inner: Inner = transport if transport is not None else type(self)._default_inner()
 
@@ -399,11 +474,11 @@ class DedupTransport(_Twin[httpx.BaseTransport], httpx.BaseTransport):
                 raise
 
         def start(run_in_caller: Callable[[], Awaitable[Captured]]) -> Any:
-            attempt = o.attempt(dedup, run_in_caller, request.method)
+            attempt = o.attempt(dedup, run_in_caller, request, flight["ttl"])
             # The bridge keeps this caller's timeout (see SyncBridge.call).
             return dedup.run_flight("transport", key, attempt, **{**flight, "timeout": None})
 
-        flight = o.flight_for(options)
+        flight = o.flight_for(dedup, request, options)
         try:
             result, error = dedup.sync.call("transport", key, send, start, flight["timeout"])
         except RedisUnavailable as exc:
@@ -415,6 +490,8 @@ class DedupTransport(_Twin[httpx.BaseTransport], httpx.BaseTransport):
             raise
         live, discard = handoff.take(result)
         _close_sync(discard)
+        if not o.mine(dedup, request, result):
+            return self._inner.handle_request(request)
         return o.response(request, result, error, live)
 
     def close(self) -> None:
@@ -451,11 +528,10 @@ class AsyncDedupTransport(_Twin[httpx.AsyncBaseTransport], httpx.AsyncBaseTransp
                 await _close_async(handoff.offer(exc.response))
                 raise
 
-        attempt = o.attempt(dedup, send, request.method)
+        flight = o.flight_for(dedup, request, options)
+        attempt = o.attempt(dedup, send, request, flight["ttl"])
         try:
-            result, error = await dedup.run_flight(
-                "transport", key, attempt, **o.flight_for(options)
-            )
+            result, error = await dedup.run_flight("transport", key, attempt, **flight)
         except RedisUnavailable as exc:
             await _close_async(handoff.take()[1])
             o.policy.failed(dedup, exc, key)
@@ -465,6 +541,8 @@ class AsyncDedupTransport(_Twin[httpx.AsyncBaseTransport], httpx.AsyncBaseTransp
             raise
         live, discard = handoff.take(result)
         await _close_async(discard)
+        if not o.mine(dedup, request, result):
+            return await self._inner.handle_async_request(request)
         return o.response(request, result, error, live)
 
     async def aclose(self) -> None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from dedupcall import codec, events, httpexec
+from dedupcall import codec, events, httpcache, httpexec
 from dedupcall.aio import Wakeup, attempt_pin, stop_task, within
 from dedupcall.config import decode_shared
 from dedupcall.errors import RedisUnavailable, SerializationError
@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dedupcall")
 
+#: Passed as a queued request's ttl when deciding how long its answer may be stored: the
+#: flight's own ttl (kept in Redis) applies, capped by the answer's stated freshness.
+NO_CAP_MS = 2**53
+
 
 @dataclass
 class Outcome:
@@ -46,6 +50,8 @@ class Outcome:
     retryable: bool = False
     retry_after_ms: int = 0
     error: BaseException | None = None  # the original exception, in this process only
+    cache_ms: int = -1  # answers later callers for the flight's ttl, capped at this (0: never)
+    keep_ms: int = -1  # kept for fetching by id this long (-1: the shared retention)
 
 
 Attempt = Callable[[Grant], Awaitable[Outcome]]
@@ -298,7 +304,9 @@ class Worker:
                 if outcome.retryable:
                     reply = await self.store.retry(grant, outcome.record, outcome.retry_after_ms)
                 else:
-                    reply = await self.store.complete(grant, outcome.record, outcome.ok)
+                    reply = await self.store.complete(
+                        grant, outcome.record, outcome.ok, outcome.cache_ms, outcome.keep_ms
+                    )
                 break
             except RedisUnavailable:
                 if pause is None:
@@ -371,14 +379,29 @@ class Worker:
             return Outcome(record, ok=False)
         if self._http is None:
             self._http = httpx.AsyncClient()
-        timeout = self.dedup.config.execution_timeout
+        config = self.dedup.config
+        timeout = config.execution_timeout
+        label = codec.redact_secrets(url, config.secret_params)
         try:
             out = await within(
-                httpexec.send(self._http, method, url, headers, body, timeout), timeout + 1.0
+                httpexec.send(self._http, method, url, headers, body, timeout, label),
+                timeout + 1.0,
             )
         except TimeoutError:
             out = httpexec.HttpOutcome(
                 False, True, None, None, "Timeout", f"no response within {timeout} s"
+            )
+        sharing = None
+        if out.status_code is not None:  # what a shared cache may do with this answer
+            sharing = httpcache.decide(
+                method,
+                url,
+                headers.items(),
+                out.status_code,
+                out.headers,
+                NO_CAP_MS,
+                credential_headers=config.credential_headers,
+                secret=config.key_secret,
             )
         try:
             record = codec.result_record(
@@ -387,14 +410,22 @@ class Worker:
                 status_code=out.status_code,
                 error_type=out.error_type,
                 message=out.message,
+                share=sharing.record() if sharing else None,
                 **fields,
             )
         except SerializationError as exc:  # pragma: no cover - JSON bodies always encode
             record = codec.result_record(
                 ok=False, error_type="SerializationError", message=str(exc), **fields
             )
+        cache_ms = -1
+        if sharing is not None and sharing.cache_ms < NO_CAP_MS:
+            cache_ms = sharing.cache_ms  # not storable (0), or capped by its freshness
         return Outcome(
-            record, ok=out.ok, retryable=out.retryable, retry_after_ms=out.retry_after_ms
+            record,
+            ok=out.ok,
+            retryable=out.retryable,
+            retry_after_ms=out.retry_after_ms,
+            cache_ms=cache_ms,
         )
 
     # --- sweep: heartbeat, reaper, due retries, config -----------------------------

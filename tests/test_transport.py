@@ -23,8 +23,9 @@ from dedupcall import (
     TransportCallFailed,
     WaitTimeout,
 )
+from dedupcall.config import CREDENTIAL_HEADERS
 from dedupcall.embedded import free_port
-from dedupcall.transport import default_key
+from dedupcall.transport import default_key, request_partition
 from upstream import Upstream
 
 
@@ -117,16 +118,24 @@ def test_default_key_is_readable_and_never_holds_a_credential() -> None:
     def key(url: str, **headers: str) -> str:
         return default_key(httpx.Request("GET", url, headers=headers))
 
+    def part(url: str, **headers: str) -> str:
+        request = httpx.Request("GET", url, headers=headers)
+        return request_partition(request, CREDENTIAL_HEADERS, None)
+
     assert key("https://api.example.com/users/1?b=2&a=1") == key(
         "https://api.example.com/users/1?a=1&b=2"
     )
-    assert key("https://api.example.com/users/1").startswith("GET https://api.example.com/users/1")
-    alice = key("https://api.example.com/me", Authorization="Bearer alice-secret")
-    bob = key("https://api.example.com/me", Authorization="Bearer bob-secret")
-    assert alice != bob and "secret" not in alice and "secret" not in bob
-    assert key("https://api.example.com/me", Cookie="s=1") != key(
-        "https://api.example.com/me", Cookie="s=2"
-    )
+    assert key("https://api.example.com/u?a=2&a=1") != key("https://api.example.com/u?a=1&a=2")
+    assert key("https://api.example.com/users/1") == "GET https://api.example.com/users/1"
+    # credentials separate flights through a digest kept out of the readable key
+    me = "https://api.example.com/me"
+    alice, bob = key(me, Authorization="Bearer alice-secret"), key(me, Authorization="b")
+    assert alice == bob == "GET https://api.example.com/me"
+    assert part(me, Authorization="Bearer alice") != part(me, Authorization="Bearer bob")
+    assert "alice" not in part(me, Authorization="Bearer alice")
+    for header in ("Cookie", "X-Api-Key", "X-Auth-Token", "X-Amz-Security-Token", "Accept"):
+        assert part(me, **{header: "1"}) != part(me, **{header: "2"}) != part(me)
+    assert part(me) == ""
     assert key("http://api.example.com/x") != key("https://api.example.com/x")
 
 

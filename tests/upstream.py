@@ -8,7 +8,9 @@ Behaviour is chosen by the request itself, so child processes need no setup:
 - ``/<any path>?delay=0.2&status=503&retry_after=1`` answers JSON
   ``{"path": ..., "hit": n, "exec_id": "<uuid4 hex>"}`` after ``delay`` seconds, with
   ``status`` (default 200) and an optional ``Retry-After`` header. ``hit`` is the n-th
-  request of that path since the last ``reset()``.
+  request of that path since the last ``reset()``. ``h_<name>=<value>`` adds a response
+  header (``h_cache-control=private``); ``echo_header=<name>`` puts that request
+  header's value in the body as ``echo``.
 - a path given a script with ``Upstream.script(path, [503, 503, 200])`` answers those
   statuses in turn (the last one repeats), overriding ``status=``.
 - ``/bytes/<n>`` answers ``n`` pseudo-random bytes, the same ones every time
@@ -174,6 +176,10 @@ class _Handler(BaseHTTPRequestHandler):
             status, retry_after = step.status, step.retry_after
         payload = {"path": path, "hit": hit, "exec_id": uuid.uuid4().hex}
         headers = {"Retry-After": retry_after} if retry_after is not None else {}
+        # ?h_cache-control=private&h_set-cookie=sid%3D1: response headers of the caller's choice
+        headers.update({k[2:]: v for k, v in query.items() if k.startswith("h_")})
+        if "echo_header" in query:  # the value of one request header, in the body
+            payload["echo"] = self.headers.get(query["echo_header"])
         self._reply(status, json.dumps(payload).encode(), headers=headers)
 
     def _read_body(self) -> bytes:
