@@ -46,7 +46,7 @@ from dedupcall.errors import (
 from dedupcall.flights import LocalFlight, function_attempt
 from dedupcall.keys import KeySpace
 from dedupcall.metrics import Metrics
-from dedupcall.models import Grant, QueueItem, QueueStatus, Result
+from dedupcall.models import Grant, QueueItem, QueueStatus, Restore, Result
 from dedupcall.notifier import Notifier
 from dedupcall.store import Store
 from dedupcall.worker import Attempt, Worker
@@ -313,6 +313,25 @@ class Dedup:
     def _on_control(self, message: str) -> None:
         if message == "config" and self._ready:
             self.worker.spawn(self._reload_config(), "dedupcall-config")
+        elif message == "reclaim" and self._ready:
+            self.worker.renew_now()  # Redis lost data: re-establish what runs here, now
+
+    def restore_of(self, grant: Grant) -> Restore | None:
+        """What re-establishes a function or transport flight running here, should Redis
+        forget it (None when no caller here holds it)."""
+        lf = self._by_id.get(grant.request_id)
+        if lf is None:
+            return None
+        return Restore(
+            grant,
+            lf.key,
+            priority=lf.priority,
+            ttl_ms=lf.ttl_ms,
+            cache_failures=lf.cache_failures,
+            fingerprint=lf.fingerprint,
+            credentials=lf.credentials,
+            payload=lf.payload,
+        )
 
     async def _reload_config(self) -> None:
         with contextlib.suppress(RedisUnavailable):
@@ -543,9 +562,12 @@ class Dedup:
                     if lf.waiters == 0:
                         return
                     lf.revive()  # a caller arrived meanwhile: take part again
-                # "vanished": gone without a result (Redis lost it): submit again, as a
-                # new flight; this one's id is forgotten
+                # "vanished": gone without a result (Redis lost data). Its executor, if
+                # alive, re-establishes it: wait for that, then submit again (joining it,
+                # or as a new flight); this id is forgotten.
                 self._untrack(lf, rid)
+                with contextlib.suppress(RedisUnavailable):
+                    await asyncio.sleep(await self.store.recover())
         except Exception as exc:
             lf.fail(exc if isinstance(exc, DedupError) else RedisUnavailable(str(exc)))
         finally:
@@ -816,6 +838,7 @@ class Dedup:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         first = True
+        recovered = False
         outage: float | None = None  # since when Redis has been unreachable
         while True:
             watch = self._notifier.watch(request_id)
@@ -843,8 +866,17 @@ class Dedup:
                 if not exists:
                     if first:
                         raise UnknownRequest(request_id)
+                    if not recovered:
+                        # Redis lost data: a live executor re-establishes what it runs.
+                        recovered = True
+                        pause = await self.store.recover()
+                        if deadline is not None:
+                            pause = min(pause, max(0.0, deadline - loop.time()))
+                        await asyncio.sleep(pause)
+                        continue
                     raise CallFailed(
-                        "the flight disappeared without a result (Redis restart?)",
+                        "the flight disappeared without a result (Redis lost its data) "
+                        "and no executor re-established it",
                         error_type="FlightLost",
                         request_id=request_id,
                     )

@@ -141,5 +141,19 @@ class Grant:
         return grant
 
 
+@dataclass(frozen=True)
+class Restore:
+    """What an executor needs to re-establish a running flight Redis forgot."""
+
+    grant: Grant
+    key: str
+    priority: int = 0
+    ttl_ms: int = -1
+    cache_failures: bool = False
+    fingerprint: str = ""
+    credentials: str = ""
+    payload: bytes = b""
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)

@@ -24,6 +24,8 @@ NAMES = (
     "init",
     "retire",
     "clear",
+    "reclaim",
+    "recover",
 )
 
 

@@ -25,7 +25,7 @@ from dedupcall.batch import Batcher
 from dedupcall.config import SHARED_FIELDS, Config, SentinelTarget, parse_sentinel_url
 from dedupcall.errors import DedupError, RedisUnavailable, SerializationError
 from dedupcall.keys import KeySpace
-from dedupcall.models import Grant
+from dedupcall.models import Grant, Restore
 from dedupcall.scripts import Scripts
 
 Reply = list[Any]
@@ -72,6 +72,13 @@ def shared_values(values: Sequence[Any]) -> dict[str, bytes]:
     return dict(zip(SHARED_FIELDS, values, strict=True))
 
 
+def _int(text: str, default: int = 0) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return default
+
+
 def _encoded(arg: Any) -> Any:
     if isinstance(arg, str):
         try:
@@ -111,6 +118,9 @@ class Store:
         self._sentinel = _sentinel(url, config) if "+sentinel://" in url else None
         self.redis = self._client(url, config.max_connections)
         self.control = self._client(url, 2)
+        # Lease renewal has a connection of its own: it never waits behind a sweep, a
+        # release or a large transfer, and is never torn down and rebuilt between renewals.
+        self.renewer = self._client(url, 1, single=True)
         self.subscriber = self._client(url, 2)
         self.lone = self._client(url, 1, single=True)
         self.scripts = Scripts(self.redis)
@@ -148,7 +158,8 @@ class Store:
 
     async def close(self) -> None:
         sentinels = self._sentinel[0].sentinels if self._sentinel is not None else []
-        for client in (self.redis, self.lone, self.control, self.subscriber, *sentinels):
+        clients = (self.redis, self.lone, self.control, self.renewer, self.subscriber)
+        for client in (*clients, *sentinels):
             with contextlib.suppress(Exception):
                 await client.aclose()
                 await client.connection_pool.disconnect()
@@ -157,16 +168,25 @@ class Store:
         """How long a heartbeat keeps this instance alive."""
         return int(max(3 * self.config.heartbeat_interval, 1.0) * 1000)
 
-    async def _run(self, name: str, keys: list[str], args: list[Any], control: bool = False) -> Any:
+    async def _run(
+        self,
+        name: str,
+        keys: list[str],
+        args: list[Any],
+        control: bool = False,
+        client: aioredis.Redis | None = None,
+    ) -> Any:
         # Encoded here, one command at a time: text that cannot be encoded is this
         # caller's error, never a failed batch for its neighbours.
         args = [self.keys.prefix, self.instance_id, self._nonce + f"{next(self._calls):x}"] + [
             _encoded(arg) for arg in args
         ]
+        if control:
+            client = self.control
         for attempt in (1, 2):
             with redis_errors():
-                if control:
-                    reply = await self.scripts.run(name, keys, args, client=self.control)
+                if client is not None:
+                    reply = await self.scripts.run(name, keys, args, client=client)
                 else:
                     reply = await self.scripts.run_batched(name, keys, args, self.batcher)
             if reply != b"noconfig":
@@ -174,6 +194,11 @@ class Store:
             if attempt == 1:
                 await self.repair()
         raise RedisUnavailable(f"the shared config in Redis could not be re-established ({name})")
+
+    async def recover(self) -> float:
+        """A flight vanished without a result: Redis lost data. Pause grants while the
+        executors re-establish what they run; returns the seconds until they resume."""
+        return int(await self._run("recover", [self.keys.config], [])) / 1000
 
     async def repair(self) -> None:
         """Re-seed the shared config where Redis lost it (or holds a malformed value) and
@@ -195,7 +220,7 @@ class Store:
             "without persistence, a failover, FLUSHDB?); restoring the last one seen",
             extra={"instance_id": self.instance_id},
         )
-        await self._init(shared, info)
+        await self._init(shared, info, recover=True)
 
     # --- transitions (lua/*.lua) ----------------------------------------------------
     async def init(self, shared: dict[str, str], info: bytes) -> dict[str, bytes]:
@@ -205,8 +230,10 @@ class Store:
             await self.scripts.load(self.redis)
         return await self._init(shared, info)
 
-    async def _init(self, shared: dict[str, str], info: bytes) -> dict[str, bytes]:
-        k, args = self.keys, [self.hb_ms(), info]
+    async def _init(
+        self, shared: dict[str, str], info: bytes, *, recover: bool = False
+    ) -> dict[str, bytes]:
+        k, args = self.keys, [self.hb_ms(), info, int(recover)]
         for name, value in shared.items():
             args += [name, value]
         keys = [k.config, k.instances, k.instance_info(self.instance_id)]
@@ -289,15 +316,39 @@ class Store:
         keys = [k.flight(rid), k.holders(rid), k.held(self.instance_id), k.queue, k.instances]
         await self._run("leave", keys, [rid])
 
-    async def renew(self, grants: list[Grant]) -> tuple[int, set[str]]:
-        """Extend leases; returns the lease length and the ids whose lease is lost."""
+    async def renew(self, grants: list[Grant]) -> tuple[int, set[str], set[str]]:
+        """Extend leases; returns the lease length, the ids whose lease is lost (another
+        executor has them, or they ended) and those Redis forgot (it lost data)."""
         args: list[Any] = []
         for grant in grants:
             args += [grant.request_id, grant.token]
-        lease_ms, lost = await self._run(
-            "renew", [self.keys.running, self.keys.config], args, control=True
+        lease_ms, lost, gone = await self._run(
+            "renew", [self.keys.running, self.keys.config], args, client=self.renewer
         )
-        return int(lease_ms), {x.decode() for x in lost}
+        return int(lease_ms), {x.decode() for x in lost}, {x.decode() for x in gone}
+
+    async def reclaim(self, flights: list[Restore]) -> set[str]:
+        """Re-establish running flights Redis forgot; returns those it could not (another
+        run owns their key now)."""
+        args: list[Any] = []
+        for r in flights:
+            args += [
+                r.grant.request_id,
+                r.grant.token,
+                r.grant.kind,
+                r.grant.digest,
+                r.key,
+                r.grant.attempts,
+                r.priority,
+                r.ttl_ms,
+                int(r.cache_failures),
+                r.fingerprint,
+                r.credentials,
+                r.payload,
+            ]
+        keys = [self.keys.running, self.keys.config, self.keys.held(self.instance_id)]
+        lost = await self._run("reclaim", keys, args, client=self.renewer)
+        return {x.decode() for x in lost}
 
     async def reap(self, info: bytes, want_mine: bool) -> Reply:
         k = self.keys
@@ -369,17 +420,30 @@ class Store:
             raise RedisUnavailable(f"{type(exists).__name__}: {exists}")
         return (raw if isinstance(raw, bytes) else None), bool(exists)
 
-    async def flight_payload(self, rid: str) -> tuple[str, bytes | None]:
-        """A queued request's readable key and payload (None when its record is not a
-        readable hash: the attempt fails it as malformed)."""
+    async def flight_payload(self, grant: Grant) -> tuple[Restore, bytes | None]:
+        """A queued request's readable key and payload, with what would re-establish it
+        (payload None when its record is not a readable hash: the attempt fails it as
+        malformed)."""
+        fields = ["key", "payload", "prio", "ttl", "cf", "fp", "cred"]
         (found,) = await self.pipeline(
-            lambda p: p.hmget(self.keys.flight(rid), ["key", "payload"]), raise_on_error=False
+            lambda p: p.hmget(self.keys.flight(grant.request_id), fields), raise_on_error=False
         )
         if not isinstance(found, list):
-            return "", None
-        key, payload = found
-        text = key.decode("utf-8", "replace") if isinstance(key, bytes) else ""
-        return text, payload if isinstance(payload, bytes) else None
+            return Restore(grant, ""), None
+        key, _, prio, ttl, cf, fp, cred = (
+            v.decode("utf-8", "replace") if isinstance(v, bytes) else "" for v in found
+        )
+        restore = Restore(
+            grant,
+            key,
+            priority=_int(prio),
+            ttl_ms=_int(ttl, -1),
+            cache_failures=cf == "1",
+            fingerprint=fp,
+            credentials=cred,
+            payload=found[1] if isinstance(found[1], bytes) else b"",
+        )
+        return restore, found[1] if isinstance(found[1], bytes) else None
 
     async def evict(self, digest: str) -> None:
         """Drop the cached answer of a key (it cannot be read)."""

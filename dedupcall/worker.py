@@ -19,7 +19,7 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -28,7 +28,7 @@ from dedupcall import codec, events, httpcache, httpexec
 from dedupcall.aio import Wakeup, attempt_pin, stop_task, within
 from dedupcall.config import decode_shared
 from dedupcall.errors import RedisUnavailable, SerializationError
-from dedupcall.models import Grant, Result
+from dedupcall.models import Grant, Restore, Result
 from dedupcall.store import shared_values
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ class _Lease:
     lost: bool = False
     key: str | None = None  # readable key, for logs
     pinned: int = 0  # > 0 while it runs work that cannot be cancelled (see aio.attempt_pin)
+    restore: Restore | None = None  # a queued request's record, should Redis forget it
 
     def pin(self, on: bool) -> None:
         self.pinned += 1 if on else -1
@@ -355,10 +356,11 @@ class Worker:
     # --- queued HTTP requests ----------------------------------------------------
     async def http_attempt(self, grant: Grant) -> Outcome:
         """Attempt for a queued request: read its payload, send it, classify the response."""
-        key, raw = await self.store.flight_payload(grant.request_id)
+        restore, raw = await self.store.flight_payload(grant)
+        key = restore.key
         lease = self._leases.get(grant.request_id)
         if lease is not None:
-            lease.key = key
+            lease.key, lease.restore = key, restore
         self._event(events.GRANTED, grant, key)
         fields: dict[str, Any] = {
             "request_id": grant.request_id,
@@ -488,6 +490,24 @@ class Worker:
         self._sweep_task = None
 
     # --- lease renewal -----------------------------------------------------------
+    async def _reclaim(self, leases: list[_Lease]) -> set[str]:
+        """Re-establish running flights Redis forgot (it lost data), so their waiters join
+        these runs instead of starting second ones; returns those it could not."""
+        restores = []
+        for lease in leases:
+            restore = lease.restore or self.dedup.restore_of(lease.grant)
+            if restore is not None:
+                restores.append(replace(restore, grant=lease.grant))
+        lost = {lease.grant.request_id for lease in leases} - {r.grant.request_id for r in restores}
+        if restores:
+            lost |= await self.store.reclaim(restores)
+            log.warning(
+                "dedupcall re-established %d running flight(s) Redis had lost",
+                len(restores) - len(lost & {r.grant.request_id for r in restores}),
+                extra={"instance_id": self.dedup.instance_id},
+            )
+        return lost
+
     def lease_changed(self) -> None:
         """The shared ``lock_timeout`` changed: renew every lease now, then at the new
         pace (a lease shortened from 30 s to 1 s must not wait out the old 10 s pause)."""
@@ -496,30 +516,42 @@ class Worker:
             lease.lease_ms = min(lease.lease_ms, lease_ms)
         self._renew_now.set()
 
+    def renew_now(self) -> None:
+        """Renew every lease at once (Redis lost data: what runs here is re-established)."""
+        self._renew_now.set()
+
     async def _renew_loop(self) -> None:
+        failing = False
         while True:
             if not self._leases:
                 await self._wake_renew.sleep(3600)
                 continue
             # A third of the shortest lease; renewals report the current lock_timeout, and
-            # a change of it cuts the pause short.
+            # a change of it cuts the pause short. After a failure, try again soon.
             interval = min(lease.lease_ms for lease in self._leases.values()) / 3000
-            await self._renew_now.sleep(interval)
+            await self._renew_now.sleep(min(interval, 0.2) if failing else interval)
             sent = [(lease, lease.grant) for lease in self._leases.values() if not lease.lost]
             if not sent:
                 continue
             try:
-                lease_ms, lost_ids = await self.store.renew([grant for _, grant in sent])
+                lease_ms, lost_ids, gone = await self.store.renew([grant for _, grant in sent])
+                if gone:
+                    lost_ids |= await self._reclaim(
+                        [lease for lease, g in sent if g.request_id in gone]
+                    )
             except RedisUnavailable as exc:
+                failing = True
                 log.warning(
                     "dedupcall lease renewal failed: %s",
                     exc,
                     extra={"instance_id": self.dedup.instance_id},
                 )
                 continue
+            failing = False
             for lease, grant in sent:
-                if lease.grant is not grant:
-                    continue  # adopted a newer grant meanwhile: this reply is about the old one
+                if lease.grant is not grant or self._leases.get(grant.request_id) is not lease:
+                    # adopted a newer grant, or finished, meanwhile: a reply about the past
+                    continue
                 if grant.request_id in lost_ids:
                     lease.lost = True
                     self._event(events.LEASE_LOST, grant, lease.key, " while running")

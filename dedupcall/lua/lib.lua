@@ -58,6 +58,7 @@ local C, C_RAW = nil, nil
 local function load_config()
   local names = {}
   for i, s in ipairs(SHARED) do names[i] = s[1] end
+  names[#names + 1] = 'recover_until'
   local raw = try('HMGET', CONFIG, unpack(names))
   if not raw then return false end
   local c = {}
@@ -66,12 +67,30 @@ local function load_config()
     if v == nil then return false end
     c[s[1]] = v
   end
+  c.recover_until = tonumber(raw[#SHARED + 1]) or 0
+  raw[#SHARED + 1] = nil
   C, C_RAW = c, raw
   return true
 end
 
 local function lease_ms() return math.floor(C.lock_timeout * 1000) end
 local function retention_ms() return math.floor(C.retention * 1000) end
+
+-- After Redis lost data (a restart without persistence, a failover, FLUSHDB), executors
+-- still run flights Redis no longer knows. Nothing is granted for one renewal interval,
+-- a third of a lease, in which every live executor re-establishes what it runs
+-- (reclaim.lua), so neither the limit nor once-only is broken by a second run. Every
+-- instance is asked to renew at once.
+local function recover(now)
+  local until_ms = now + math.floor(lease_ms() / 3) + 250
+  if until_ms > C.recover_until then
+    redis.call('HSET', CONFIG, 'recover_until', digits(until_ms))
+    C.recover_until = until_ms
+  end
+  redis.call('PUBLISH', P .. 'ctl', 'reclaim')
+end
+
+local function recovering(now) return now < C.recover_until end
 
 -- An instance counts as alive for this long after its heartbeat: never less than a lease,
 -- so a process whose loop stalls for less than lock_timeout keeps its flights.
@@ -235,6 +254,7 @@ end
 -- deadline stamped at its submission (the shared retention), it fails with NoExecutor. A
 -- flight whose every holder is gone fails.
 local function fill(now, out)
+  if recovering(now) then return end
   local max = C.max_concurrent
   local lease = lease_ms()
   local running = redis.call('ZCARD', R)

@@ -90,7 +90,7 @@ if not try('SADD', held, id) then
 end
 
 local max = C.max_concurrent
-local free = max <= 0 or redis.call('ZCARD', R) < max
+local free = (max <= 0 or redis.call('ZCARD', R) < max) and not recovering(now)
 local mine = score(prio, seq)
 if ARGV[15] ~= '1' or not free then
   redis.call('ZADD', Q, mine, id)
