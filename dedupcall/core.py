@@ -184,6 +184,8 @@ class Dedup:
         try:
             await self._connect()
         except BaseException:
+            if hasattr(self, "worker"):
+                await self.worker.stop()
             if hasattr(self, "_notifier"):
                 await self._notifier.stop()
             if hasattr(self, "store"):
@@ -206,6 +208,9 @@ class Dedup:
         )
         shared = await self.store.init(encode_shared(self.config.shared()), self.worker.info())
         self._apply_shared(decode_shared(shared)[0])
+        # Heartbeats start at once: on a slow link, subscribing takes round trips, and
+        # an instance silent for that long would look dead to the others.
+        self.worker.start()
         self._notifier.start()
         try:
             await within(
@@ -215,7 +220,6 @@ class Dedup:
             raise RedisUnavailable("could not subscribe to notifications in time") from None
         except Exception as exc:
             raise RedisUnavailable(f"could not subscribe to notifications: {exc}") from exc
-        self.worker.start()
 
     async def aclose(self, *, drain_timeout: float | None = None) -> None:
         """Stop taking grants, let running attempts finish (``drain_timeout``, default the
@@ -501,10 +505,16 @@ class Dedup:
         elif lf.abandoned:
             lf.revive()
         lf.waiters += 1
+        lf.unbounded += timeout is None
         try:
             result = await within(asyncio.shield(lf.future), timeout)
         except TimeoutError:
             self.count("timeouts")
+            if lf.outage_since is not None:  # it is Redis that kept the answer away
+                raise RedisUnavailable(
+                    f"Redis unreachable for the last {time.monotonic() - lf.outage_since:.1f}"
+                    f" s: no result for {text!r} within {timeout} s"
+                ) from None
             raise WaitTimeout(
                 f"no result for {text!r} within {timeout} s", request_id=lf.request_id
             ) from None
@@ -513,6 +523,7 @@ class Dedup:
             raise
         finally:
             lf.waiters -= 1
+            lf.unbounded -= timeout is None
             if lf.waiters == 0 and not lf.future.done():
                 lf.abandon()
         outcome = lf.outcome if first else ("cached" if lf.outcome == "cached" else "joined")
@@ -606,7 +617,6 @@ class Dedup:
     async def _wait_done(self, lf: LocalFlight, rid: str) -> str:
         """Wait for ``rid`` to finish: resolved, abandoned (every caller left) or vanished."""
         poll = self.config.poll_interval
-        outage: float | None = None  # since when Redis has been unreachable
         while not lf.future.done():
             if lf.execution is not None and not lf.execution.done():
                 # Our own attempt runs: its outcome (with the original exception) comes
@@ -634,14 +644,16 @@ class Dedup:
             try:
                 raw, exists = await self.store.read_result(rid, check_flight=pushed is None)
             except RedisUnavailable:
-                # Ride out a short outage (a restart, a failover); past one lease, give up.
-                outage = outage or time.monotonic()
+                # Ride out an outage (a restart, a failover) while a caller still waits:
+                # each one's own timeout ends its wait (as RedisUnavailable). Callers
+                # without a timeout bound it: past a lease, they are answered with it.
+                outage = lf.outage_since = lf.outage_since or time.monotonic()
                 limit = max(self.config.lock_timeout, 2 * self.config.socket_timeout)
-                if time.monotonic() - outage > limit:
+                if lf.unbounded and time.monotonic() - outage > limit:
                     raise
                 poll = min(0.5, self.config.poll_interval)
                 continue
-            outage, poll = None, self.config.poll_interval
+            lf.outage_since, poll = None, self.config.poll_interval
             if raw is not None:
                 lf.resolve(self._decode_result(raw))
             elif not exists and not lf.executing:
@@ -851,10 +863,11 @@ class Dedup:
                         request_id, check_flight=first or pushed is None
                     )
                 except RedisUnavailable:
-                    # Ride out a short outage (a restart, a failover), as callers do.
+                    # Ride out an outage (a restart, a failover) until the timeout; without
+                    # one, for a lease.
                     outage = outage or time.monotonic()
                     limit = max(self.config.lock_timeout, 2 * self.config.socket_timeout)
-                    if time.monotonic() - outage > limit or (
+                    if (deadline is None and time.monotonic() - outage > limit) or (
                         deadline is not None and loop.time() >= deadline
                     ):
                         raise

@@ -39,6 +39,8 @@ class LocalFlight:
     request_id: str | None = None
     ids: set[str] = field(default_factory=set)  # every id this flight was known by here
     waiters: int = 0
+    unbounded: int = 0  # waiters without a timeout of their own
+    outage_since: float | None = None  # Redis unreachable since (monotonic), while waiting
     executing: bool = False
     abandoned: bool = False
     outcome: str = "joined"  # how the first caller got its result: executed | joined | cached

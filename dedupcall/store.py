@@ -20,6 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, RedisError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from dedupcall.batch import Batcher
 from dedupcall.config import SHARED_FIELDS, Config, SentinelTarget, parse_sentinel_url
@@ -139,6 +140,12 @@ class Store:
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
             "retry": Retry(NoBackoff(), 0),  # we retry where it is safe, not blindly
+            # A new connection is ready after its TCP handshake (and AUTH, with a
+            # password): no HELLO, CLIENT SETINFO or maintenance-notification round trips,
+            # which cost a renewal seconds on a slow link.
+            "protocol": 2,
+            "driver_info": None,
+            "maint_notifications_config": MaintNotificationsConfig(enabled=False),
         }
         pool: aioredis.BlockingConnectionPool
         if self._sentinel is not None:
@@ -350,7 +357,7 @@ class Store:
         lost = await self._run("reclaim", keys, args, client=self.renewer)
         return {x.decode() for x in lost}
 
-    async def reap(self, info: bytes, want_mine: bool) -> Reply:
+    async def reap(self, info: bytes, want_mine: bool, steady: bool) -> Reply:
         k = self.keys
         keys = [
             k.queue,
@@ -360,7 +367,8 @@ class Store:
             k.config,
             k.instance_info(self.instance_id),
         ]
-        return list(await self._run("reap", keys, [self.hb_ms(), info, int(want_mine)], True))
+        args = [self.hb_ms(), info, int(want_mine), int(steady)]
+        return list(await self._run("reap", keys, args, True))
 
     async def retire(self) -> None:
         k = self.keys

@@ -80,6 +80,7 @@ class _Lease:
     key: str | None = None  # readable key, for logs
     pinned: int = 0  # > 0 while it runs work that cannot be cancelled (see aio.attempt_pin)
     restore: Restore | None = None  # a queued request's record, should Redis forget it
+    expires: float = 0.0  # monotonic time at which the lease runs out, as last renewed
 
     def pin(self, on: bool) -> None:
         self.pinned += 1 if on else -1
@@ -110,6 +111,8 @@ class Worker:
         self._idle = asyncio.Event()
         self._http: httpx.AsyncClient | None = None
         self._want_mine = True
+        self._sweeps_ok = 0  # consecutive sweeps on time (see _steady)
+        self._last_sweep_ok = 0.0
         self.draining = False
         self.started = time.time()
 
@@ -208,6 +211,7 @@ class Worker:
         if lease is None or grant.epoch <= lease.grant.epoch:
             return False
         lease.grant, lease.lease_ms, lease.lost = grant, grant.lease_ms, False
+        lease.expires = time.monotonic() + grant.lease_ms / 1000
         return True
 
     async def release(self, grant: Grant, *, drop: bool) -> None:
@@ -246,6 +250,7 @@ class Worker:
 
     async def _execute(self, grant: Grant, attempt: Attempt, key: str | None) -> Finished:
         lease = _Lease(grant, grant.lease_ms, asyncio.current_task(), key=key)
+        lease.expires = time.monotonic() + grant.lease_ms / 1000
         self._leases[grant.request_id] = lease
         self._wake_renew.set()
         rid = grant.request_id
@@ -284,23 +289,22 @@ class Worker:
         grant = lease.grant  # the newest grant of this flight: complete under its token
         self.metrics.execution_done(time.perf_counter() - started)
         try:
-            return await asyncio.shield(self._finish(grant, outcome, lease.key))
+            return await asyncio.shield(self._finish(grant, outcome, lease))
         except RedisUnavailable as exc:
-            # Not stored: other holders re-execute after the lease. Our own callers still
-            # get what we computed (a final outcome), or the Redis error (a retryable one).
+            # Not stored before the lease ran out: the flight runs again (or is
+            # re-established) and its stored result answers everyone, our own callers
+            # too. They never get an answer the others did not.
             log.warning(
-                "dedupcall could not store a result: %s",
+                "dedupcall could not store a result before its lease ran out: %s",
                 exc,
                 extra={"request_id": rid, "instance_id": self.dedup.instance_id},
             )
-            if outcome.retryable:
-                return Finished(error=exc)
-            return Finished(
-                result=Result.from_record(codec.decode_record(outcome.record)), error=outcome.error
-            )
+            return Finished(lost=True)
 
-    async def _finish(self, grant: Grant, outcome: Outcome, key: str | None) -> Finished:
-        for pause in (0.05, 0.2, 0.5, None):
+    async def _finish(self, grant: Grant, outcome: Outcome, lease: _Lease) -> Finished:
+        key = lease.key
+        pause = 0.05
+        while True:  # Redis restarting, failing over: try again while the lease holds
             try:
                 if outcome.retryable:
                     reply = await self.store.retry(grant, outcome.record, outcome.retry_after_ms)
@@ -310,9 +314,11 @@ class Worker:
                     )
                 break
             except RedisUnavailable:
-                if pause is None:
+                left = lease.expires - time.monotonic()
+                if left <= pause:
                     raise
                 await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.5)
         verdict = reply[0].decode()
         if verdict == "lost":
             # A reply may have been lost on the way (the lone path repeats a command once):
@@ -446,12 +452,27 @@ class Worker:
             }
         ).encode()
 
+    def _on_time(self) -> bool:
+        """Whether our last sweep succeeded recently enough that no heartbeat or lease
+        could have lapsed since, for want of Redis, for us or anyone."""
+        gap = min(self.store.hb_ms() / 1000, self.dedup.config.lock_timeout)
+        return time.monotonic() - self._last_sweep_ok < gap
+
+    def _steady(self) -> bool:
+        """Whether our own sweeps ran without a gap lately: only then may this instance
+        judge others' leases and heartbeats (after an outage everyone's lapsed alike, and
+        everyone gets one heartbeat to catch up)."""
+        return self._sweeps_ok >= 2 and self._on_time()
+
     async def _sweep_loop(self) -> None:
         while True:
             wait = self.dedup.config.heartbeat_interval
             try:
                 want_mine, self._want_mine = self._want_mine, False
-                reply = await self.store.reap(self.info(), want_mine)
+                steady = self._steady()
+                reply = await self.store.reap(self.info(), want_mine, steady)
+                self._sweeps_ok = self._sweeps_ok + 1 if self._on_time() else 1
+                self._last_sweep_ok = time.monotonic()
                 grants, next_retry, next_lease, mine, config, reaped = reply
                 if reaped:
                     events.flight_event(
@@ -466,12 +487,12 @@ class Worker:
                     if ms >= 0:
                         wait = min(wait, ms / 1000 + 0.002)
             except RedisUnavailable as exc:
-                self._want_mine = True
+                self._want_mine, self._sweeps_ok = True, 0
                 log.warning(
                     "dedupcall sweep failed: %s", exc, extra={"instance_id": self.dedup.instance_id}
                 )
             except Exception:  # never fatal: the sweep is what recovers everything else
-                self._want_mine = True
+                self._want_mine, self._sweeps_ok = True, 0
                 log.exception(
                     "dedupcall sweep failed unexpectedly",
                     extra={"instance_id": self.dedup.instance_id},
@@ -529,10 +550,11 @@ class Worker:
             # A third of the shortest lease; renewals report the current lock_timeout, and
             # a change of it cuts the pause short. After a failure, try again soon.
             interval = min(lease.lease_ms for lease in self._leases.values()) / 3000
-            await self._renew_now.sleep(min(interval, 0.2) if failing else interval)
+            await self._renew_now.sleep(min(interval, 0.1) if failing else interval)
             sent = [(lease, lease.grant) for lease in self._leases.values() if not lease.lost]
             if not sent:
                 continue
+            sent_at = time.monotonic()
             try:
                 lease_ms, lost_ids, gone = await self.store.renew([grant for _, grant in sent])
                 if gone:
@@ -557,3 +579,4 @@ class Worker:
                     self._event(events.LEASE_LOST, grant, lease.key, " while running")
                 else:
                     lease.lease_ms = lease_ms
+                    lease.expires = sent_at + lease_ms / 1000

@@ -140,3 +140,32 @@ async def test_out_of_memory_is_a_typed_error_and_recovers(
     await admin.delete(*filler)
     assert await dedup.call("/oom-after", f, timeout=5) == 1  # nothing half-done was left
     await admin.aclose()
+
+
+async def test_a_spell_at_maxmemory_makes_no_live_instance_look_dead(
+    make_redis_server: Callable[..., EmbeddedServer], make_dedup: Callable[..., Dedup]
+) -> None:
+    import redis.asyncio as aioredis
+
+    from dedup_fixtures import hold_slot
+
+    server = make_redis_server()
+    config = {"max_concurrent": 1, "lock_timeout": 1.0, "heartbeat_interval": 0.2}
+    a, b = make_dedup(url=server.url, **config), make_dedup(url=server.url, **config)
+    blocker = await hold_slot(a)
+
+    async def value() -> str:
+        return "ok"
+
+    queued = asyncio.create_task(b.call("/after-oom", value, timeout=20))
+    while (item := await b.get_flight_by_key("/after-oom")) is None or item.waiters != 1:
+        await asyncio.sleep(0.01)
+    admin = aioredis.Redis.from_url(server.url)
+    await admin.config_set("maxmemory-policy", "noeviction")
+    await admin.config_set("maxmemory", 1)  # every write refused: no heartbeat, no renewal
+    await asyncio.sleep(1.5)  # longer than an instance counts as alive, or a lease
+    await admin.config_set("maxmemory", 0)
+    await admin.aclose()
+    await asyncio.sleep(0.5)  # sweeps run again before the slot frees
+    await blocker.release()
+    assert await queued == "ok"

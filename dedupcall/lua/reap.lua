@@ -4,15 +4,28 @@
 -- KEYS[1] queue  KEYS[2] delayed  KEYS[3] running  KEYS[4] instances  KEYS[5] config
 -- KEYS[6] inst:<me>
 -- ARGV[4] heartbeat ttl ms  ARGV[5] instance info JSON  ARGV[6] list my running grants 0|1
+-- ARGV[7] steady 0|1: this instance's recent sweeps all succeeded, on time
 -- returns {grants, ms to next retry or -1, ms to next lease expiry or -1, my grants,
 --          shared config (values in config.SHARED_FIELDS order), flights reaped}
 --       | 'noconfig'
 if not load_config() then return 'noconfig' end
 local now = now_ms()
-beat(now, tonumber(ARGV[4]), ARGV[5])
+local hb = tonumber(ARGV[4])
+-- Declare no lease expired and no instance dead right after a gap in our own heartbeats
+-- (Redis refused writes, paused, restarted; a slow link): whatever silenced us silenced
+-- them too. One beat later, what really stopped is still stopped.
+local prev = tonumber(try('ZSCORE', I, ME))
+local last_beat = prev and prev - math.max(hb, lease_ms())
+local steady_leases = ARGV[7] == '1' and last_beat ~= nil and now - last_beat < lease_ms()
+local steady_instances = ARGV[7] == '1' and prev ~= nil and prev > now
+beat(now, hb, ARGV[5])
 local reaped = 0
 
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', R, '-inf', now, 'LIMIT', 0, 500)) do
+local expired = {}
+if steady_leases then
+  expired = redis.call('ZRANGEBYSCORE', R, '-inf', now, 'LIMIT', 0, 500)
+end
+for _, id in ipairs(expired) do
   local fields = flight(id, 'att', 'state', 'kind')
   reaped = reaped + 1
   if fields == nil then
@@ -32,7 +45,11 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', R, '-inf', now, 'LIMIT', 0, 500)
   end
 end
 
-for _, dead in ipairs(redis.call('ZRANGEBYSCORE', I, '-inf', now, 'LIMIT', 0, 100)) do
+local dead_ones = {}
+if steady_instances then
+  dead_ones = redis.call('ZRANGEBYSCORE', I, '-inf', now, 'LIMIT', 0, 100)
+end
+for _, dead in ipairs(dead_ones) do
   for _, id in ipairs(try('SMEMBERS', P .. 'held:' .. dead) or {}) do
     try('SREM', P .. 'h:' .. id, dead)
     local fields = flight(id, 'kind', 'state')
@@ -80,4 +97,5 @@ if ARGV[6] == '1' then
     end
   end
 end
-return { out, next_in(D), next_in(R), mine, C_RAW, reaped }
+-- Leases are not reaped until steady: wake at the next heartbeat, not at once.
+return { out, next_in(D), steady_leases and next_in(R) or -1, mine, C_RAW, reaped }
