@@ -184,7 +184,8 @@ class SyncBridge:
                 raise DedupError("the call was cancelled: its Dedup's loop stopped") from None
         except _Deadline:
             self._dedup.count("timeouts")
-            raise WaitTimeout(f"no result for {key!r} within {timeout} s") from None
+            shown = self._dedup.shown_key(key)
+            raise WaitTimeout(f"no result for {shown!r} within {timeout} s") from None
         finally:
             if future is not None and not future.done():
                 future.cancel()  # this caller leaves the flight (a timeout, an interrupt)

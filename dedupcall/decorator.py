@@ -179,14 +179,15 @@ class _Call:
         self.codec = result_codec
         self.policy = policy
 
-    def encode(self, value: Any, key: str | bytes) -> Any:
+    def encode(self, value: Any, key: str | bytes, dedup: Dedup) -> Any:
         if self.codec is None:
             return value
         try:
             return self.codec.encode(value)
         except Exception as exc:
             raise SerializationError(
-                f"{self.name} returned a value its codec could not encode for key {key!r}: {exc}"
+                f"{self.name} returned a value its codec could not encode for key "
+                f"{dedup.shown_key(key)!r}: {exc}"
             ) from exc
 
     def answer(self, result: Result, error: BaseException | None) -> Any:
@@ -274,7 +275,7 @@ def _async_wrapper(call: _Call) -> Any:
             return await wrapped(*args, **kwargs)
 
         async def run() -> Any:
-            return call.encode(await wrapped(*args, **kwargs), key)
+            return call.encode(await wrapped(*args, **kwargs), key, dedup)
 
         attempt = dedup.make_function_attempt(run, call.retry_on, call.name)
         try:
@@ -298,7 +299,7 @@ def _sync_wrapper(call: _Call) -> Any:
             return wrapped(*args, **kwargs)
 
         def run() -> Any:
-            return call.encode(wrapped(*args, **kwargs), key)
+            return call.encode(wrapped(*args, **kwargs), key, dedup)
 
         def start(run_in_caller: Callable[[], Any]) -> Any:
             attempt = dedup.make_function_attempt(run_in_caller, call.retry_on, call.name)

@@ -96,9 +96,10 @@ class RedisErrorPolicy:
             raise exc
         self._skip_until = time.monotonic() + BYPASS_COOLDOWN
         dedup.count("bypassed")
+        shown = dedup.shown_key(what)  # secrets in the key redacted
         log.warning(
-            "dedupcall bypassed for %s: Redis unavailable (%s)",
-            what,
+            "dedupcall bypassed for %r: Redis unavailable (%s)",
+            shown,
             exc,
-            extra={"key": what, "instance_id": dedup.instance_id},
+            extra={"key": shown, "instance_id": dedup.instance_id},
         )
