@@ -3,6 +3,7 @@
 Explicit imports and a sorted ``__all__``; no logic here.
 """
 
+from dedupcall.aio import to_thread
 from dedupcall.asgi import lifespan
 from dedupcall.config import Config
 from dedupcall.core import Dedup
@@ -58,6 +59,7 @@ __all__ = [
     "configure",
     "lifespan",
     "queued_api",
+    "to_thread",
 ]
 
 __version__ = "0.1.0"

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -23,6 +23,39 @@ T = TypeVar("T")
 attempt_pin: ContextVar[Callable[[bool], None] | None] = ContextVar(
     "dedupcall_attempt_pin", default=None
 )
+
+
+@contextlib.contextmanager
+def pinned() -> Iterator[None]:
+    """Within an attempt, mark work that cannot be taken back (a thread, a request the
+    upstream already serves): a drain waits for it instead of handing the flight back."""
+    pin = attempt_pin.get()
+    if pin is not None:
+        pin(True)
+    try:
+        yield
+    finally:
+        if pin is not None:
+            pin(False)
+
+
+async def to_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``asyncio.to_thread`` for code inside a flight: run blocking ``fn`` in a thread.
+
+    A thread cannot be stopped, so the attempt running it keeps its lease (and slot) until
+    ``fn`` returns: a shutdown waits for it instead of handing the flight to another
+    instance, and an ``execution_timeout`` does not start a retry beside it. Use it as
+    ``await dedup.call(key, lambda: dedupcall.to_thread(blocking, arg))``.
+    """
+    with pinned():
+        work = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            await asyncio.wait({work})  # held until the thread returns
+            if not work.cancelled():
+                work.exception()  # retrieved: the attempt is over either way
+            raise
 
 
 async def within(awaitable: Awaitable[T], timeout: float | None) -> T:

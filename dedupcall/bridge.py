@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from dedupcall.aio import attempt_pin
+from dedupcall.aio import pinned
 from dedupcall.errors import DedupError, WaitTimeout
 
 if TYPE_CHECKING:
@@ -211,14 +211,8 @@ class SyncBridge:
 
     # --- loop side -----------------------------------------------------------------
     async def _run_in(self, opener: _Caller) -> Any:
-        pin = attempt_pin.get()
-        if pin is not None:
-            pin(True)  # a thread cannot be stopped: no drain hands this flight back
-        try:
+        with pinned():  # a thread cannot be stopped: no drain hands this flight back
             return await self._hand_to_thread(opener)
-        finally:
-            if pin is not None:
-                pin(False)
 
     async def _hand_to_thread(self, opener: _Caller) -> Any:
         loop = asyncio.get_running_loop()

@@ -107,14 +107,16 @@ def keyed_digest(data: str | bytes, secret: str | None) -> str:
     return hmac.new(key, raw, hashlib.sha256).hexdigest()[:32]
 
 
-_QUERY_ITEM = re.compile(r"([?&;])([^=&;#\s]+)=([^&;#\s]*)")
-_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/@:\s]*):([^/@\s]+)@")
+_QUERY_ITEM = re.compile(r"([?&;#])([^=&;#\s]+)=([^&;#\s]*)")
+# Everything between "scheme://" and the last "@" before the path: a user name can be a
+# token too (https://<token>@host), and a password may hold an "@".
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#\s]*@")
 
 
 def redact_secrets(text: str, names: Collection[str]) -> str:
-    """``text`` with the values of secret query parameters (``names``, compared without
-    case) and URL passwords replaced by ``***``: what readable keys, logs, the status page
-    and stored records show."""
+    """``text`` with the values of secret query (and fragment) parameters (``names``,
+    compared without case) and a URL's user information replaced by ``***``: what
+    readable keys, logs, the status page and stored records show."""
     if "=" not in text and "@" not in text:
         return text  # the hot path: nothing that could hold a secret
 
@@ -122,7 +124,7 @@ def redact_secrets(text: str, names: Collection[str]) -> str:
         name = unquote_plus(match[2]).lower()
         return f"{match[1]}{match[2]}=***" if name in names else match[0]
 
-    return _USERINFO.sub(r"\1:***@", _QUERY_ITEM.sub(hide, text))
+    return _USERINFO.sub(r"\1***@", _QUERY_ITEM.sub(hide, text))
 
 
 def result_record(
@@ -220,7 +222,7 @@ def decode_request(raw: bytes | str) -> tuple[str, str, dict[str, str], dict[str
     if (
         not isinstance(method, str)
         or not isinstance(url, str)
-        or not url.startswith(("http://", "https://"))
+        or not url.lower().startswith(("http://", "https://"))
     ):
         raise ValueError("request payload has no valid method and http(s) url")
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):

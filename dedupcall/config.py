@@ -62,6 +62,7 @@ SECRET_PARAMS = (
     "x-amz-signature",
     "x-amz-security-token",
     "x-goog-signature",
+    "x-api-key",
 )
 
 DAY = 86_400.0

@@ -60,6 +60,15 @@ Fn = Callable[[], Awaitable[Any] | Any]
 RetryOn = type[BaseException] | tuple[type[BaseException], ...]
 
 
+def _moved(result: Result) -> str | None:
+    """The flight a result says its own was merged into (Redis had lost that run and its
+    executor re-established it), or None."""
+    if result.error_type == "Moved" and isinstance(result.data, dict):
+        target = result.data.get("moved_to")
+        return target if isinstance(target, str) else None
+    return None
+
+
 def _new_instance_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
@@ -341,11 +350,22 @@ class Dedup:
         with contextlib.suppress(RedisUnavailable):
             self._apply_shared(decode_shared(await self.store.shared_config())[0])
 
-    async def _on_resubscribe(self) -> None:
+    async def _on_resubscribe(self, unreachable: bool) -> None:
         # Anything finished or granted while we were unsubscribed: look again.
         self._notifier.wake_all()
-        if self._ready:
-            self.worker.wake_sweep(mine=True)
+        if not self._ready:
+            return
+        self.worker.wake_sweep(mine=True)
+        self.worker.renew_now()  # were our flights lost meanwhile? re-establish them now
+        if unreachable:
+            # Redis went away (a restart, a failover?) and may have lost flights that
+            # still run: pause grants while every executor re-establishes its own (a
+            # failover keeps the config, so nothing else would say so).
+            self.worker.spawn(self._recover_quietly(), "dedupcall-recover")
+
+    async def _recover_quietly(self) -> None:
+        with contextlib.suppress(DedupError):
+            await self.store.recover()
 
     @staticmethod
     def _decode_result(raw: bytes | str, *, cached: bool = False) -> Result:
@@ -377,6 +397,7 @@ class Dedup:
             on_conflict=lf.on_conflict,
             payload=lf.payload,
             may_grant=not self.worker.draining,
+            fresh=lf.fresh,
         )
 
     # --- function flights ----------------------------------------------------------
@@ -400,7 +421,8 @@ class Dedup:
         types worth another attempt (with backoff, up to ``max_retries``).
 
         ``fn`` takes no arguments and is async (or returns an awaitable); it runs on the
-        event loop, so wrap blocking code: ``lambda: asyncio.to_thread(blocking)``.
+        event loop, so wrap blocking code: ``lambda: dedupcall.to_thread(blocking)`` (not
+        ``asyncio.to_thread``: a shutdown would hand back a flight whose thread runs on).
         """
         result, error = await self.run_flight(
             "function",
@@ -639,7 +661,9 @@ class Dedup:
                 continue  # granted to us meanwhile: wait for our own attempt (loop top)
             pushed = watch.result() if watch.done() else None
             if pushed:  # the result rode in the push: no round trip
-                lf.resolve(self._decode_result(pushed))
+                if _moved(result := self._decode_result(pushed)):
+                    return "vanished"  # merged into a run Redis had lost: join it
+                lf.resolve(result)
                 continue
             try:
                 raw, exists = await self.store.read_result(rid, check_flight=pushed is None)
@@ -655,7 +679,9 @@ class Dedup:
                 continue
             lf.outage_since, poll = None, self.config.poll_interval
             if raw is not None:
-                lf.resolve(self._decode_result(raw))
+                if _moved(result := self._decode_result(raw)):
+                    return "vanished"
+                lf.resolve(result)
             elif not exists and not lf.executing:
                 return "vanished"
         return "resolved"
@@ -766,8 +792,9 @@ class Dedup:
         validate_priority(priority)
         if on_conflict not in ("raise", "join"):
             raise ConfigError(f"on_conflict must be 'raise' or 'join', got {on_conflict!r}")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ConfigError(f"url must be an http(s) URL, got {url!r}")
+        if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
+            shown = self.shown_key(url) if isinstance(url, (str, bytes)) else url
+            raise ConfigError(f"url must be an http(s) URL, got {shown!r}")
         validate({"result_ttl": ttl} if ttl is not None else {})
         hdrs = {str(k): str(v) for k, v in (headers or {}).items()}
         encoded = codec.encode_body(body)
@@ -787,6 +814,7 @@ class Dedup:
             credentials=codec.credential_digest(
                 hdrs.items(), self.config.credential_headers, self.config.key_secret
             ),
+            fresh=httpcache.refuses_stored(hdrs.items()),
         )
         for evicted in (False, True):
             proposed = uuid.uuid4().hex
@@ -850,33 +878,50 @@ class Dedup:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         first = True
-        recovered = False
+        probed = recovered = False
         outage: float | None = None  # since when Redis has been unreachable
         while True:
             watch = self._notifier.watch(request_id)
             try:
                 pushed = watch.result() if watch.done() else None
-                if pushed:  # it just finished and the result rode in the push
-                    return self._decode_result(pushed, cached=first)
-                try:
-                    raw, exists = await self.store.read_result(
-                        request_id, check_flight=first or pushed is None
-                    )
-                except RedisUnavailable:
-                    # Ride out an outage (a restart, a failover) until the timeout; without
-                    # one, for a lease.
-                    outage = outage or time.monotonic()
-                    limit = max(self.config.lock_timeout, 2 * self.config.socket_timeout)
-                    if (deadline is None and time.monotonic() - outage > limit) or (
-                        deadline is not None and loop.time() >= deadline
-                    ):
-                        raise
-                    await asyncio.sleep(min(0.5, self.config.poll_interval))
-                    continue
-                outage = None
+                raw = pushed  # it just finished and the result rode in the push
+                exists = True
+                if not raw:
+                    try:
+                        raw, exists = await self.store.read_result(
+                            request_id, check_flight=first or pushed is None
+                        )
+                    except RedisUnavailable:
+                        # Ride out an outage (a restart, a failover) until the timeout;
+                        # without one, for a lease.
+                        outage = outage or time.monotonic()
+                        limit = max(self.config.lock_timeout, 2 * self.config.socket_timeout)
+                        if (deadline is None and time.monotonic() - outage > limit) or (
+                            deadline is not None and loop.time() >= deadline
+                        ):
+                            raise
+                        await asyncio.sleep(min(0.5, self.config.poll_interval))
+                        continue
+                    outage = None
                 if raw is not None:
-                    return self._decode_result(raw, cached=first)
+                    result = self._decode_result(raw, cached=first)
+                    target = _moved(result)
+                    if target is None:
+                        return result
+                    # Merged into a run Redis had lost and its executor re-established.
+                    request_id, first = target, False
+                    continue
                 if not exists:
+                    if first and not probed:
+                        # Unknown, or forgotten by a Redis that lost its data (then its
+                        # executor is re-establishing it): look again after that.
+                        probed = True
+                        pause = await self.store.recover(start=False)
+                        if pause > 0:
+                            if deadline is not None:
+                                pause = min(pause, max(0.0, deadline - loop.time()))
+                            await asyncio.sleep(pause)
+                            continue
                     if first:
                         raise UnknownRequest(request_id)
                     if not recovered:

@@ -36,6 +36,7 @@ class LocalFlight:
     fingerprint: str = ""
     on_conflict: str = "join"
     credentials: str = ""  # digest of a queued request's credential headers
+    fresh: bool = False  # a queued request that refuses a stored answer
     request_id: str | None = None
     ids: set[str] = field(default_factory=set)  # every id this flight was known by here
     waiters: int = 0

@@ -137,6 +137,13 @@ def _joined(headers: list[tuple[str, str]], name: str) -> str:
     return ", ".join(v for n, v in headers if n.lower() == name)
 
 
+def refuses_stored(request_headers: Headers) -> bool:
+    """Whether a request's own ``Cache-Control`` refuses a stored answer (``no-cache``,
+    ``no-store``, ``max-age=0``): it may join a flight in progress, never take a stored one."""
+    directives = _joined(list(request_headers), "cache-control").lower().replace(" ", "")
+    return any(d in directives.split(",") for d in ("no-cache", "no-store", "max-age=0"))
+
+
 def allowed(
     share: Any, request_headers: Headers, *, credential_headers: Collection[str], secret: str | None
 ) -> bool:

@@ -41,7 +41,7 @@ class Notifier:
         *,
         on_grant: Callable[[Grant], None],
         on_control: Callable[[str], None],
-        on_resubscribe: Callable[[], Awaitable[None]],
+        on_resubscribe: Callable[[bool], Awaitable[None]],
     ) -> None:
         self._client = client
         self._channels = [
@@ -61,6 +61,8 @@ class Notifier:
         # instead of waiting out a timeout; later failures only reconnect.
         self.first_subscribe: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.reconnects = 0
+        self._down = False  # the connection was lost
+        self._unreachable = False  # ...and a reconnection failed: Redis went away
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="dedupcall-notifier")
@@ -122,6 +124,8 @@ class Notifier:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any connection failure: reconnect, never die
+                self._unreachable = self._unreachable or self._down
+                self._down = True
                 if not self.first_subscribe.done():
                     self.first_subscribe.set_exception(exc)
                     self.first_subscribe.exception()  # retrieved: the starter may be gone
@@ -149,8 +153,9 @@ class Notifier:
                 self._dispatch(msg)
         if not self.first_subscribe.done():
             self.first_subscribe.set_result(None)
+        unreachable, self._down, self._unreachable = self._unreachable, False, False
         # Messages published while we were not subscribed are lost: re-check now.
-        await self._on_resubscribe()
+        await self._on_resubscribe(unreachable)
 
     async def _listen(self, pubsub: PubSub) -> None:
         last_rx = time.monotonic()

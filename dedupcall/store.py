@@ -115,6 +115,7 @@ class Store:
         self._seed = seed
         self._repairing: asyncio.Future[None] | None = None
         self._nonce = f"{secrets.token_hex(4)}-"
+        self._unreachable = False  # a call found Redis unreachable; none got through since
         self._calls = itertools.count()
         self._sentinel = _sentinel(url, config) if "+sentinel://" in url else None
         self.redis = self._client(url, config.max_connections)
@@ -190,22 +191,35 @@ class Store:
         ]
         if control:
             client = self.control
+        if self._unreachable and self._seed is not None and name != "recover":
+            # Back after Redis was unreachable (a restart, a failover?): it may have lost
+            # flights that still run. Before anything else is granted, pause grants while
+            # their executors re-establish them.
+            self._unreachable = False
+            with contextlib.suppress(DedupError):
+                await self.recover()
         for attempt in (1, 2):
-            with redis_errors():
-                if client is not None:
-                    reply = await self.scripts.run(name, keys, args, client=client)
-                else:
-                    reply = await self.scripts.run_batched(name, keys, args, self.batcher)
+            try:
+                with redis_errors():
+                    if client is not None:
+                        reply = await self.scripts.run(name, keys, args, client=client)
+                    else:
+                        reply = await self.scripts.run_batched(name, keys, args, self.batcher)
+            except RedisUnavailable as exc:
+                if isinstance(exc.__cause__, (ConnectionError, OSError)):
+                    self._unreachable = True  # not even a fresh connection got through
+                raise
             if reply != b"noconfig":
                 return reply
             if attempt == 1:
                 await self.repair()
         raise RedisUnavailable(f"the shared config in Redis could not be re-established ({name})")
 
-    async def recover(self) -> float:
+    async def recover(self, *, start: bool = True) -> float:
         """A flight vanished without a result: Redis lost data. Pause grants while the
-        executors re-establish what they run; returns the seconds until they resume."""
-        return int(await self._run("recover", [self.keys.config], [])) / 1000
+        executors re-establish what they run (``start``; else only report a pause under
+        way); returns the seconds until grants resume."""
+        return int(await self._run("recover", [self.keys.config], [int(start)])) / 1000
 
     async def repair(self) -> None:
         """Re-seed the shared config where Redis lost it (or holds a malformed value) and
@@ -267,6 +281,7 @@ class Store:
         on_conflict: str,
         payload: bytes,
         may_grant: bool,
+        fresh: bool = False,
     ) -> Reply:
         k = self.keys
         keys = [
@@ -293,6 +308,7 @@ class Store:
             on_conflict,
             payload,
             int(may_grant),
+            int(fresh),
         ]
         return list(await self._run("submit", keys, args))
 

@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 import httpx
 
 from dedupcall import codec, httpcache, httpexec
-from dedupcall.aio import within
+from dedupcall.aio import pinned, within
 from dedupcall.bodies import Captured, TooLarge, read_async, read_sync
 from dedupcall.config import validate_call
 from dedupcall.core import Dedup
@@ -44,8 +44,6 @@ CONDITIONAL_HEADERS = frozenset(
 #: Request headers that change the response's encoding or language: with the default key,
 #: requests that differ in them (or in credentials, or body) never share a flight.
 NEGOTIATION_HEADERS = frozenset({"accept", "accept-encoding", "accept-language"})
-#: Request cache directives that refuse a stored answer: such requests pass through.
-REFUSES_STORED = ("no-cache", "no-store", "max-age=0")
 DEFAULT_CACHE_STATUSES = frozenset(range(200, 300)) - {206}
 REQUEST_OPTIONS = frozenset({"enabled", "key", "ttl", "priority", "timeout"})
 #: How long an answer bound to its requester's credentials (``no-store``, ``private``,
@@ -171,12 +169,11 @@ class _Options:
                 f"{sorted(REQUEST_OPTIONS)}, got {options!r}"
             )
         enabled = options.get("enabled")
-        directives = request.headers.get("cache-control", "").lower()
         if enabled is not True and (
             enabled is False
             or request.method not in self.methods
             or not CONDITIONAL_HEADERS.isdisjoint(request.headers.keys())
-            or any(d in directives for d in REFUSES_STORED)
+            or httpcache.refuses_stored(request.headers.multi_items())
         ):
             self._count_pass_through()
             return None
@@ -522,8 +519,11 @@ class AsyncDedupTransport(_Twin[httpx.AsyncBaseTransport], httpx.AsyncBaseTransp
 
         async def send() -> Captured:
             try:
-                response = await self._inner.handle_async_request(request)
-                return await read_async(request, response, o.max_body_bytes)
+                # Once sent, a request cannot be taken back: a drain waits for its answer
+                # (execution_timeout still bounds it) rather than hand the flight on.
+                with pinned():
+                    response = await self._inner.handle_async_request(request)
+                    return await read_async(request, response, o.max_body_bytes)
             except TooLarge as exc:
                 await _close_async(handoff.offer(exc.response))
                 raise

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from dedupcall import codec, events, httpcache, httpexec
-from dedupcall.aio import Wakeup, attempt_pin, stop_task, within
+from dedupcall.aio import Wakeup, attempt_pin, pinned, stop_task, within
 from dedupcall.config import decode_shared
 from dedupcall.errors import RedisUnavailable, SerializationError
 from dedupcall.models import Grant, Restore, Result
@@ -391,10 +391,11 @@ class Worker:
         timeout = config.execution_timeout
         label = codec.redact_secrets(url, config.secret_params)
         try:
-            out = await within(
-                httpexec.send(self._http, method, url, headers, body, timeout, label),
-                timeout + 1.0,
-            )
+            with pinned():  # once sent, a request cannot be taken back: a drain waits
+                out = await within(
+                    httpexec.send(self._http, method, url, headers, body, timeout, label),
+                    timeout + 1.0,
+                )
         except TimeoutError:
             out = httpexec.HttpOutcome(
                 False, True, None, None, "Timeout", f"no response within {timeout} s"
@@ -452,11 +453,16 @@ class Worker:
             }
         ).encode()
 
+    def sweep_interval(self) -> float:
+        """Seconds between sweeps: the heartbeat interval, but at least two per lease, so
+        a lease shorter than a heartbeat interval is still recovered promptly."""
+        config = self.dedup.config
+        return min(config.heartbeat_interval, config.lock_timeout / 2)
+
     def _on_time(self) -> bool:
-        """Whether our last sweep succeeded recently enough that no heartbeat or lease
-        could have lapsed since, for want of Redis, for us or anyone."""
-        gap = min(self.store.hb_ms() / 1000, self.dedup.config.lock_timeout)
-        return time.monotonic() - self._last_sweep_ok < gap
+        """Whether our last sweep succeeded within three sweep intervals: no outage (of
+        Redis, of our loop) came between, which would have silenced others too."""
+        return time.monotonic() - self._last_sweep_ok < 3 * self.sweep_interval()
 
     def _steady(self) -> bool:
         """Whether our own sweeps ran without a gap lately: only then may this instance
@@ -466,7 +472,7 @@ class Worker:
 
     async def _sweep_loop(self) -> None:
         while True:
-            wait = self.dedup.config.heartbeat_interval
+            wait = self.sweep_interval()
             try:
                 want_mine, self._want_mine = self._want_mine, False
                 steady = self._steady()

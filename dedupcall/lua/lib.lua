@@ -32,10 +32,13 @@ local function try(...)
   return reply
 end
 
--- An integer field, or nil when it is missing or malformed.
+-- An integer field written as plain digits (as HINCRBY and Python write them), or nil
+-- when it is missing or malformed: "1.0", "0x1", " 1" or "1e0" would pass tonumber but
+-- make HINCRBY refuse, and abort the script.
 local function int(v)
+  if type(v) ~= 'string' or #v > 17 or not string.match(v, '^%-?%d+$') then return nil end
   local n = tonumber(v)
-  if n == nil or n ~= n or n ~= math.floor(n) or n > MAX_INT or n < -MAX_INT then return nil end
+  if n > MAX_INT or n < -MAX_INT then return nil end
   return n
 end
 
@@ -67,7 +70,8 @@ local function load_config()
     if v == nil then return false end
     c[s[1]] = v
   end
-  c.recover_until = tonumber(raw[#SHARED + 1]) or 0
+  local until_ms = tonumber(raw[#SHARED + 1])
+  c.recover_until = (until_ms and until_ms == until_ms) and until_ms or 0
   raw[#SHARED + 1] = nil
   C, C_RAW = c, raw
   return true
@@ -90,7 +94,11 @@ local function recover(now)
   redis.call('PUBLISH', P .. 'ctl', 'reclaim')
 end
 
-local function recovering(now) return now < C.recover_until end
+-- A pause longer than one lease is not one this code wrote (a hand-written value, a
+-- server whose clock went back): ignored, never a namespace stopped.
+local function recovering(now)
+  return now < C.recover_until and C.recover_until - now <= lease_ms()
+end
 
 -- An instance counts as alive for this long after its heartbeat: never less than a lease,
 -- so a process whose loop stalls for less than lock_timeout keeps its flights.
@@ -185,12 +193,18 @@ local function quarantine(id, why)
     .. why .. '); it was failed and removed')
 end
 
--- Put a flight back in the queue; false (and the flight failed) when its record is bad.
+-- Put a flight back in the queue; false (and the flight failed) when its record is bad,
+-- or when nobody alive holds a function or transport flight any more (its callers left
+-- while it ran, or died): queued, it would wait for no one.
 local function requeue(id)
-  local fields = flight(id, 'prio', 'seq')
+  local fields = flight(id, 'prio', 'seq', 'kind')
   if not fields then quarantine(id, 'not a hash'); return false end
   local prio, seq = valid_prio(fields[1]), int(fields[2])
   if prio == nil or seq == nil then quarantine(id, 'prio or seq'); return false end
+  if fields[3] ~= 'request' and not has_live_holder(id, now_ms()) then
+    fail(id, 'NoHolder', 'every instance waiting on this flight is gone')
+    return false
+  end
   local f = P .. 'f:' .. id
   redis.call('ZREM', R, id)
   redis.call('ZREM', D, id)
@@ -250,9 +264,9 @@ end
 
 -- Hand free slots to the most urgent queued flights that can run now. Grants for the
 -- caller are returned in out; others are pushed to their executor's channel. A queued
--- request with no live worker keeps its place until a worker appears; unclaimed past the
--- deadline stamped at its submission (the shared retention), it fails with NoExecutor. A
--- flight whose every holder is gone fails.
+-- request with no live worker keeps its place until a worker appears; never claimed by
+-- the deadline stamped at its submission (the shared retention), it fails with
+-- NoExecutor. A flight whose every holder is gone fails.
 local function fill(now, out)
   if recovering(now) then return end
   local max = C.max_concurrent
@@ -276,7 +290,7 @@ local function fill(now, out)
       if worker == nil then worker = request_executor(now) end
       if deadline == nil then
         quarantine(id, 'deadline')
-      elseif now > deadline then
+      elseif now > deadline and att == 0 then  -- never claimed: once run, it runs again
         fail(id, 'NoExecutor', 'no worker claimed this queued request within the retention '
           .. 'from its submission')
       elseif worker then

@@ -15,9 +15,8 @@ local hb = tonumber(ARGV[4])
 -- (Redis refused writes, paused, restarted; a slow link): whatever silenced us silenced
 -- them too. One beat later, what really stopped is still stopped.
 local prev = tonumber(try('ZSCORE', I, ME))
-local last_beat = prev and prev - math.max(hb, lease_ms())
-local steady_leases = ARGV[7] == '1' and last_beat ~= nil and now - last_beat < lease_ms()
-local steady_instances = ARGV[7] == '1' and prev ~= nil and prev > now
+local steady = ARGV[7] == '1' and prev ~= nil and prev > now
+local steady_leases, steady_instances = steady, steady
 beat(now, hb, ARGV[5])
 local reaped = 0
 

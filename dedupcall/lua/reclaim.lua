@@ -28,7 +28,12 @@ for i = 4, #ARGV, 12 do
       redis.call('DEL', P .. 'f:' .. other, P .. 'h:' .. other)
       redis.call('ZREM', Q, other)
       redis.call('ZREM', D, other)
-      redis.call('PUBLISH', P .. 'done', other)  -- its waiters look again and join ours
+      -- Its waiters follow this record to the run in progress.
+      local moved = cjson.encode({ ok = false, id = other, key = ARGV[i + 4], kind = kind,
+        att = 0, data = { moved_to = id }, err = { type = 'Moved', msg = 'merged into flight '
+          .. id .. ', which Redis had lost and its executor re-established' } })
+      redis.call('SET', P .. 'r:' .. other, moved, 'PX', retention_ms())
+      redis.call('PUBLISH', P .. 'done', other .. ' ' .. moved)
     end
     local seq = try('INCR', P .. 'seq') or 0
     local deadline = kind == 'request' and digits(now + retention_ms()) or ''

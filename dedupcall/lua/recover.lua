@@ -1,9 +1,12 @@
--- recover.lua: a waiter found its flight gone without a result: Redis lost data. Grants
--- pause for one renewal interval while executors re-establish what they run (see
--- recover in lib.lua); the caller waits that long before it submits again.
+-- recover.lua: Redis may have lost data (a waiter found its flight gone without a
+-- result). With ARGV[4] = '1', pause grants for one renewal interval while executors
+-- re-establish what they run (see recover in lib.lua); with '0', only report a pause
+-- under way (a lost shared config, restored before this runs, starts one).
 -- KEYS[1] config
--- returns ms until grants resume | 'noconfig'
+-- ARGV[4] open 0|1
+-- returns ms until grants resume (0: no pause) | 'noconfig'
 if not load_config() then return 'noconfig' end
 local now = now_ms()
-recover(now)
+if ARGV[4] == '1' then recover(now) end
+if not recovering(now) then return 0 end
 return C.recover_until - now

@@ -13,9 +13,10 @@ if not owns(id, token) then
 end
 local now = now_ms()
 local out = {}
-local fields = flight(id, 'att', 'ttl', 'cf')
+local fields = flight(id, 'att', 'ttl', 'cf', 'kind')
 local att = int(fields[1])
-if att == nil or att > C.max_retries then
+local orphan = fields[4] ~= 'request' and not has_live_holder(id, now)
+if att == nil or att > C.max_retries or orphan then
   -- A failure cached after the last attempt lives as long as a success would.
   local ttl_ms = 0
   if fields[3] == '1' then

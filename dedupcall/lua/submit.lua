@@ -5,7 +5,8 @@
 -- ARGV[4] kind  ARGV[5] digest  ARGV[6] readable key  ARGV[7] new id  ARGV[8] priority
 -- ARGV[9] result ttl ms (-1: config)  ARGV[10] cache failures 0|1  ARGV[11] fingerprint
 -- ARGV[12] credential digest  ARGV[13] on_conflict raise|join  ARGV[14] payload
--- ARGV[15] may grant now 0|1
+-- ARGV[15] may grant now 0|1  ARGV[16] fresh 0|1: refuses a stored answer (its
+-- Cache-Control says no-cache, no-store or max-age=0): a flight in progress still answers
 -- A cached success or a flight in progress answers only the same request (its
 -- fingerprint: method, URL, body) unless on_conflict is 'join', and never a request with
 -- other credentials. A repeated submit from the instance that executes the flight (its
@@ -24,7 +25,7 @@ local function conflicts(other_fp, other_cred)
   return nil
 end
 
-local cached = try('GET', cache_key)
+local cached = ARGV[16] ~= '1' and try('GET', cache_key)
 if type(cached) == 'string' then
   local cached_id, cached_fp, cached_cred = string.match(cached, '^(%S+) (%S*) (%S*)$')
   local result = cached_id and try('GET', P .. 'r:' .. cached_id)
@@ -35,6 +36,7 @@ if type(cached) == 'string' then
   end
 end
 if cached ~= false then redis.call('DEL', cache_key) end  -- expired result, or malformed
+if ARGV[16] == '1' then redis.call('DEL', cache_key) end  -- a fresh answer replaces it
 
 if not load_config() then return 'noconfig' end
 local now = now_ms()
@@ -58,8 +60,15 @@ if type(current) == 'string' then
       end
     end
     if current then
-      redis.call('SADD', P .. 'h:' .. current, ME)
-      redis.call('SADD', held, current)
+      -- Side records of the wrong type (hand-edited) are rebuilt, never fatal.
+      if not try('SADD', P .. 'h:' .. current, ME) then
+        redis.call('DEL', P .. 'h:' .. current)
+        redis.call('SADD', P .. 'h:' .. current, ME)
+      end
+      if not try('SADD', held, current) then
+        redis.call('DEL', held)
+        redis.call('SADD', held, current)
+      end
       if prio > fprio then
         redis.call('HSET', P .. 'f:' .. current, 'prio', prio)
         if state == 'queued' then requeue(current) end
@@ -68,6 +77,11 @@ if type(current) == 'string' then
     end
   elseif fields == nil or state then
     quarantine(current, 'state, prio or att')
+  elseif redis.call('EXISTS', P .. 'r:' .. current) == 0 then
+    -- The key's flight is gone without a result: Redis lost data (a failover that missed
+    -- writes, a record deleted by hand). Its executor may still run it: pause grants
+    -- while it re-establishes the run, which this new flight then joins.
+    recover(now)
   end
 end
 if current ~= false then redis.call('DEL', active_key) end  -- points at no flight: self-heal
@@ -83,7 +97,7 @@ redis.call('HSET', f, 'kind', kind, 'key', key, 'digest', digest, 'prio', prio, 
   'att', 0, 'ttl', ARGV[9], 'cf', ARGV[10], 'fp', fp, 'cred', cred, 'payload', ARGV[14],
   'created', now, 'deadline', deadline, 'state', 'queued')
 redis.call('SET', active_key, id)
-redis.call('SADD', h, ME)
+redis.call('SADD', h, ME)  -- h was deleted above: a set
 if not try('SADD', held, id) then
   redis.call('DEL', held)
   redis.call('SADD', held, id)
