@@ -304,6 +304,7 @@ class Worker:
     async def _finish(self, grant: Grant, outcome: Outcome, lease: _Lease) -> Finished:
         key = lease.key
         pause = 0.05
+        reclaimed = False
         while True:  # Redis restarting, failing over: try again while the lease holds
             try:
                 if outcome.retryable:
@@ -312,6 +313,12 @@ class Worker:
                     reply = await self.store.complete(
                         grant, outcome.record, outcome.ok, outcome.cache_ms, outcome.keep_ms
                     )
+                if reply[0] == b"gone" and not reclaimed:
+                    # Redis forgot the flight while it ran here: re-establish it, then
+                    # store what it produced, rather than let it run a second time.
+                    reclaimed = True
+                    if not await self._reclaim([lease]):
+                        continue
                 break
             except RedisUnavailable:
                 left = lease.expires - time.monotonic()
@@ -319,6 +326,8 @@ class Worker:
                     raise
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 0.5)
+        if reply[0] == b"gone":
+            reply = [b"lost", None]  # not re-established: another run owns the key now
         verdict = reply[0].decode()
         if verdict == "lost":
             # A reply may have been lost on the way (the lone path repeats a command once):

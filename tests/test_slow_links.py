@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Callable
 
 import httpx
+import pytest
 
 from dedupcall import Dedup
 from dedupcall.embedded import EmbeddedServer
@@ -58,12 +59,16 @@ async def test_a_slow_link_within_the_lease_loses_no_lease(
         await slow.aclose()
 
 
+@pytest.mark.parametrize("persistence", [True, False])
 async def test_every_caller_gets_the_stored_answer_across_a_quick_restart(
+    persistence: bool,
     make_redis_server: Callable[..., EmbeddedServer],
     make_dedup: Callable[..., Dedup],
     upstream: Upstream,
 ) -> None:
-    server = make_redis_server(persistence=True)  # the flight and its lease survive
+    # With persistence the flight and its lease survive; without, the executor
+    # re-establishes the flight it finished running meanwhile, and stores its answer.
+    server = make_redis_server(persistence=persistence)
     config = {"lock_timeout": 3.0, "heartbeat_interval": 0.2, "socket_timeout": 1.0}
     executor, other = make_dedup(url=server.url, **config), make_dedup(url=server.url, **config)
     await executor.start()

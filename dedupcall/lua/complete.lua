@@ -5,10 +5,13 @@
 -- ARGV[8] cap ms: it answers later callers for the flight's ttl, capped at this (an HTTP
 --         answer's freshness; -1: no cap; 0: never)
 -- ARGV[9] keep ms (-1: retention): how long the result can be fetched by id
--- returns {'ok', grants} | {'lost', stored result or false} | 'noconfig'
+-- returns {'ok', grants} | {'lost', stored result or false} | {'gone'} | 'noconfig'
 local id, token = ARGV[4], ARGV[5]
 if not load_config() then return 'noconfig' end
 if not owns(id, token) then
+  -- Neither record nor result: Redis forgot the flight (it lost data) while this attempt
+  -- ran; the executor re-establishes it and completes again (no second run).
+  if redis.call('EXISTS', KEYS[1], KEYS[2]) == 0 then return { 'gone' } end
   return { 'lost', try('GET', KEYS[2]) or false }
 end
 local fields = flight(id, 'ttl', 'cf')

@@ -5,10 +5,13 @@
 -- ARGV[4] id  ARGV[5] token  ARGV[6] final failure result  ARGV[7] jitter in [0,1)
 -- ARGV[8] retry-after ms (0: none)
 -- returns {'retrying', delay ms, grants} | {'failed', grants}
---       | {'lost', stored result or false} | 'noconfig'
+--       | {'lost', stored result or false} | {'gone'} | 'noconfig'
 local id, token = ARGV[4], ARGV[5]
 if not load_config() then return 'noconfig' end
 if not owns(id, token) then
+  -- Neither record nor result: Redis forgot the flight (it lost data) while this attempt
+  -- ran; the executor re-establishes it and completes again (no second run).
+  if redis.call('EXISTS', KEYS[1], KEYS[2]) == 0 then return { 'gone' } end
   return { 'lost', try('GET', KEYS[2]) or false }
 end
 local now = now_ms()
