@@ -321,11 +321,15 @@ class Worker:
                         continue
                 break
             except RedisUnavailable:
-                left = lease.expires - time.monotonic()
-                if left <= pause:
+                # Past its lease the completion may still be accepted (fenced: only while
+                # no one took the flight over), and after an outage every other instance
+                # waits a sweep or two before judging leases: keep trying a while longer.
+                config = self.dedup.config
+                grace = max(config.lock_timeout, 2 * config.socket_timeout)
+                if time.monotonic() + pause > lease.expires + grace:
                     raise
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.5)
+                pause = min(pause * 2, 0.2)
         if reply[0] == b"gone":
             reply = [b"lost", None]  # not re-established: another run owns the key now
         verdict = reply[0].decode()
