@@ -1,5 +1,5 @@
 """``python -m dedupcall``: the same as the ``dedupcall`` command."""
 
-from dedupcall.cli import main
+from dedupcall.command import main
 
 main()

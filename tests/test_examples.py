@@ -77,7 +77,8 @@ def test_fastapi_example_two_instances_one_call_per_key_none_left(redis_url: str
 def test_example_without_url_starts_and_stops_an_embedded_server() -> None:
     out = run_example("transport", *SMALL, env=no_redis_env())
     started = re.search(
-        r"Redis: embedded, a private redis-server \S+ \(\S+\) at (redis://\S+)", out.stdout
+        r"Redis: embedded, a private (?:Redis|Valkey) \S+ server \(\S+\) at (redis://\S+)",
+        out.stdout,
     )
     assert started, f"stdout:\n{out.stdout}\nstderr:\n{out.stderr}"
     url = started.group(1)

