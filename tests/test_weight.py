@@ -34,6 +34,14 @@ def test_importing_dedupcall_loads_no_cli_page_or_server_library() -> None:
     assert json.loads(out.stdout) == []
 
 
+def test_the_examples_helpers_load_without_the_cli_extra() -> None:
+    # The examples find Redis and run their upstream with the demo's modules.
+    code = WITHOUT_CLI + "sys.path.insert(0, 'examples')\nimport _local\nprint('ok')"
+    out = run_python("-c", code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
 def test_the_lifespan_and_the_page_work_without_the_cli_extra() -> None:
     code = WITHOUT_CLI + (
         "import dedupcall\n"
@@ -65,6 +73,20 @@ def test_the_command_says_what_to_install_without_the_cli_extra() -> None:
         "message": "the dedupcall command needs click and rich, from the cli extra, "
         'which is not installed: pip install "dedupcall[cli]"',
     }
+
+
+def test_serving_the_page_without_uvicorn_says_what_to_install() -> None:
+    # Said before Redis is asked anything: the advice must not hide behind an outage.
+    run = "import sys\nsys.modules['uvicorn'] = None\n" + (
+        "from dedupcall.command import main\nsys.argv[0] = 'dedupcall'\nmain()"
+    )
+    args = ("status", "--serve", "0", "--url", "redis://127.0.0.1:1/0")
+    out = run_python("-c", run, *args)
+    assert out.returncode == 1
+    assert 'status --serve needs uvicorn: pip install "dedupcall[cli]"' in out.stderr
+    out = run_python("-c", run, *args, "--json")
+    assert out.returncode == 1
+    assert json.loads(out.stdout)["error"] == "NotInstalled"
 
 
 def test_usage_errors_are_json_under_json() -> None:
