@@ -14,8 +14,8 @@ binary is used, found on disk without importing the package: this launcher retri
 port taken under it (tests start several servers at once), restarts on the same port and
 pauses, which fault tests need.
 
-This module uses only the standard library (and ``dedupcall.errors``): the RESP commands
-it needs (``CONFIG GET``) are spoken over a raw socket.
+Besides the standard library it needs only redis-py (one ``CONFIG GET`` to know the
+server that answers is ours).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import BinaryIO
+
+import redis
 
 from dedupcall.errors import DedupError, EngineNotFound
 
@@ -424,13 +425,13 @@ def _wait_ready(
     Identity is checked with ``CONFIG GET dir`` (our unique folder): another server that
     grabbed the port must not pass for ours.
     """
-    expected = ["dir", os.path.realpath(data_dir)]
+    expected = os.path.realpath(data_dir)
     pause = 0.005
     while True:
         if proc.poll() is not None:
             return f"the server exited with code {proc.returncode}"
-        with contextlib.suppress(OSError, ValueError):
-            if _command(port, "CONFIG", "GET", "dir") == expected:
+        with contextlib.suppress(OSError, redis.RedisError):  # not up yet, or still LOADING
+            if _config_dir(port) == expected:
                 return None
         if time.monotonic() >= deadline:
             return "the server did not answer in time"
@@ -440,37 +441,13 @@ def _wait_ready(
         pause = min(pause * 2, 0.1)
 
 
-def _command(port: int, *args: str, timeout: float = 1.0) -> object:
-    """Send one command over a fresh connection and return its decoded reply."""
-    parts = [f"*{len(args)}\r\n".encode()]
-    for arg in args:
-        data = arg.encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    with socket.create_connection((_HOST, port), timeout=timeout) as sock:
-        sock.sendall(b"".join(parts))
-        with sock.makefile("rb") as stream:
-            return _read_reply(stream)
-
-
-def _read_reply(stream: BinaryIO) -> object:
-    """Decode one RESP2 reply; an error reply (e.g. LOADING) raises ValueError."""
-    line = stream.readline()
-    if not line.endswith(b"\r\n"):
-        raise ConnectionError("connection closed mid-reply")
-    kind, body = line[:1], line[1:-2]
-    if kind == b"+":
-        return body.decode()
-    if kind == b"-":
-        raise ValueError(body.decode(errors="replace"))
-    if kind == b":":
-        return int(body)
-    if kind == b"$":
-        size = int(body)
-        return None if size < 0 else stream.read(size + 2)[:-2].decode(errors="replace")
-    if kind == b"*":
-        count = int(body)
-        return None if count < 0 else [_read_reply(stream) for _ in range(count)]
-    raise ValueError(f"unexpected reply {line!r}")
+def _config_dir(port: int) -> object:
+    """``CONFIG GET dir`` over a fresh connection."""
+    with redis.Redis(
+        host=_HOST, port=port, socket_timeout=1.0, socket_connect_timeout=1.0,
+        decode_responses=True,
+    ) as client:  # fmt: skip
+        return client.config_get("dir").get("dir")
 
 
 def free_port() -> int:
