@@ -58,6 +58,12 @@ async def to_thread(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
             raise
 
 
+class CancelledInside(asyncio.CancelledError):
+    """The awaited code raised ``CancelledError`` although nobody cancelled the task
+    awaiting it (it awaited something that was cancelled). Python 3.10 only, where a task
+    cannot tell (no ``Task.cancelling()``): ``within`` sees it from outside its inner task."""
+
+
 async def within(awaitable: Awaitable[T], timeout: float | None) -> T:
     """Await ``awaitable`` for at most ``timeout`` seconds (None: no limit).
 
@@ -89,6 +95,11 @@ async def within(awaitable: Awaitable[T], timeout: float | None) -> T:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
         raise TimeoutError(f"timed out after {timeout} s")
+    if task.cancelled():  # neither we nor our caller cancelled it: it cancelled itself
+        try:
+            task.result()
+        except asyncio.CancelledError as exc:
+            raise CancelledInside(*exc.args) from None
     return task.result()
 
 

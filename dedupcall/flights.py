@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dedupcall import codec
-from dedupcall.aio import within
+from dedupcall.aio import CancelledInside, within
 from dedupcall.errors import SerializationError
 from dedupcall.models import Grant, Result
 from dedupcall.worker import Attempt, Outcome
@@ -111,7 +111,11 @@ def function_attempt(
                 value = await within(value, execution_timeout())
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
-            if sys.version_info < (3, 11) or task is None or task.cancelling():
+            if sys.version_info < (3, 11):
+                ours = not isinstance(exc, CancelledInside)
+            else:
+                ours = task is None or task.cancelling() > 0
+            if ours:
                 raise  # we are being cancelled (a shutdown): not the function's outcome
             # The function itself raised it (it awaited something cancelled): a failure.
             record = codec.result_record(
