@@ -43,7 +43,7 @@ def redis_errors() -> Iterator[None]:
         yield
     except RedisError as exc:
         raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from exc
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, asyncio.TimeoutError) as exc:  # distinct on Python 3.10
         raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
 

@@ -84,7 +84,7 @@ async def run_worker(dedup: Dedup) -> dict:
         if dedup.config.shared() != seen:
             seen = dedup.config.shared()
             print("config " + json.dumps(seen), flush=True)
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError on 3.10
             await asyncio.wait_for(stop.wait(), 0.01)
     return {}
 
