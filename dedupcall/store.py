@@ -26,6 +26,7 @@ from dedupcall.batch import Batcher
 from dedupcall.config import SHARED_FIELDS, Config, SentinelTarget, parse_sentinel_url
 from dedupcall.errors import DedupError, RedisUnavailable, SerializationError
 from dedupcall.keys import KeySpace
+from dedupcall.lostwrite import guard_writes
 from dedupcall.models import Grant, Restore
 from dedupcall.scripts import Scripts
 
@@ -162,6 +163,7 @@ class Store:
             pool = BlockingSentinelPool(target.service, manager, **sentinel_options)  # type: ignore[no-untyped-call]
         else:
             pool = aioredis.BlockingConnectionPool.from_url(url, **options)
+        pool.connection_class = guard_writes(pool.connection_class)
         return aioredis.Redis(connection_pool=pool, single_connection_client=single)
 
     async def close(self) -> None:

@@ -15,6 +15,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.retry import Retry as SyncRetry
 
+from dedupcall.lostwrite import guard_writes
 from faultproxy import FaultProxy
 
 
@@ -26,8 +27,12 @@ async def proxy(redis_url: str) -> AsyncIterator[FaultProxy]:
 
 @pytest.fixture
 async def client(proxy: FaultProxy) -> AsyncIterator[aioredis.Redis]:
-    """A client through the proxy that does not retry, so every fault is seen."""
+    """A client through the proxy that does not retry, so every fault is seen; its writes
+    are guarded as dedupcall's are (dedupcall.lostwrite: CPython 3.12/3.13 releases raise
+    AttributeError for a write to a reset connection)."""
     client = aioredis.Redis(port=proxy.port, socket_timeout=2, retry=Retry(NoBackoff(), 0))
+    pool = client.connection_pool
+    pool.connection_class = guard_writes(pool.connection_class)
     yield client
     await client.aclose()
 

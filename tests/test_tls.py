@@ -18,7 +18,13 @@ def make_certs(folder: Path) -> dict[str, Path]:
     names = {
         n: folder / f"{n}" for n in ("ca.key", "ca.crt", "srv.key", "srv.csr", "srv.crt", "ext")
     }
-    names["ext"].write_text("subjectAltName=IP:127.0.0.1\n")
+    # Python 3.13 verifies strictly (VERIFY_X509_STRICT): the CA needs its key usage and
+    # the server certificate its own extensions and a link to the CA's key.
+    names["ext"].write_text(
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
+    )
 
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True)
@@ -33,6 +39,10 @@ def make_certs(folder: Path) -> dict[str, Path]:
         "1",
         "-subj",
         "/CN=test-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
         "-keyout",
         str(names["ca.key"]),
         "-out",
