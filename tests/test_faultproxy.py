@@ -15,7 +15,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.retry import Retry as SyncRetry
 
-from dedupcall.lostwrite import guard_writes
+from dedupcall.lostwrite import guard_writes, lost_in_transport
 from faultproxy import FaultProxy
 
 
@@ -134,3 +134,13 @@ def test_runs_on_a_thread_for_sync_code(redis_url: str) -> None:
         assert client.ping() is True
         client.close()
     assert not any(t.name == "faultproxy" for t in threading.enumerate())
+
+
+def test_only_asyncios_transport_failing_counts_as_a_lost_write() -> None:
+    # Our own AttributeError (a bug) must never pass for a lost connection.
+    try:
+        getattr(None, "missing")  # noqa: B009
+    except AttributeError as exc:
+        assert not lost_in_transport(exc)
+    assert not lost_in_transport(AttributeError("no traceback"))
+    assert not lost_in_transport(ValueError("not the kind"))
