@@ -600,7 +600,7 @@ class Dedup:
                 # or as a new flight); this id is forgotten.
                 self._untrack(lf, rid)
                 with contextlib.suppress(RedisUnavailable):
-                    await asyncio.sleep(await self.store.recover())
+                    await self.store.until_recovered()
         except Exception as exc:
             lf.fail(exc if isinstance(exc, DedupError) else RedisUnavailable(str(exc)))
         finally:
@@ -916,21 +916,16 @@ class Dedup:
                         # Unknown, or forgotten by a Redis that lost its data (then its
                         # executor is re-establishing it): look again after that.
                         probed = True
-                        pause = await self.store.recover(start=False)
-                        if pause > 0:
-                            if deadline is not None:
-                                pause = min(pause, max(0.0, deadline - loop.time()))
-                            await asyncio.sleep(pause)
+                        left = None if deadline is None else max(0.0, deadline - loop.time())
+                        if await self.store.until_recovered(start=False, limit=left):
                             continue
                     if first:
                         raise UnknownRequest(request_id)
                     if not recovered:
                         # Redis lost data: a live executor re-establishes what it runs.
                         recovered = True
-                        pause = await self.store.recover()
-                        if deadline is not None:
-                            pause = min(pause, max(0.0, deadline - loop.time()))
-                        await asyncio.sleep(pause)
+                        left = None if deadline is None else max(0.0, deadline - loop.time())
+                        await self.store.until_recovered(limit=left)
                         continue
                     raise CallFailed(
                         "the flight disappeared without a result (Redis lost its data) "

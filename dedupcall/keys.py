@@ -51,6 +51,11 @@ class KeySpace:
     def seq(self) -> str:
         return self.prefix + "seq"
 
+    @property
+    def recovered(self) -> str:
+        """The instances that answered a recovery pause (expires with the pause)."""
+        return self.prefix + "recovered"
+
     # per flight / key / instance (names must match lua/lib.lua)
     def flight(self, request_id: str) -> str:
         return self.prefix + "f:" + request_id

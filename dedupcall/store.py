@@ -115,6 +115,7 @@ class Store:
         # An observer has none: it reports the problem instead of guessing values.
         self._seed = seed
         self._repairing: asyncio.Future[None] | None = None
+        self._pause_watch: asyncio.Future[None] | None = None
         self._nonce = f"{secrets.token_hex(4)}-"
         self._unreachable = False  # a call found Redis unreachable; none got through since
         self._calls = itertools.count()
@@ -220,8 +221,30 @@ class Store:
     async def recover(self, *, start: bool = True) -> float:
         """A flight vanished without a result: Redis lost data. Pause grants while the
         executors re-establish what they run (``start``; else only report a pause under
-        way); returns the seconds until grants resume."""
+        way); returns the seconds the pause may still last (0: none). It ends sooner, once
+        every live instance has answered."""
         return int(await self._run("recover", [self.keys.config], [int(start)])) / 1000
+
+    async def until_recovered(self, *, start: bool = True, limit: float | None = None) -> bool:
+        """``recover``, then wait (at most ``limit`` seconds) until grants resume; returns
+        whether they were paused. Concurrent waiters share one watcher, so a thousand
+        callers of vanished flights look at Redis twenty times a second, not 20,000."""
+        pause = await self.recover(start=start)
+        if pause <= 0:
+            return False
+        if self._pause_watch is None or self._pause_watch.done():
+            self._pause_watch = asyncio.ensure_future(self._watch_pause(pause))
+        with contextlib.suppress(asyncio.TimeoutError):  # TimeoutError too, from 3.11
+            await asyncio.wait_for(asyncio.shield(self._pause_watch), limit)
+        return True
+
+    async def _watch_pause(self, pause: float) -> None:
+        while pause > 0:
+            await asyncio.sleep(min(pause, 0.05))
+            try:
+                pause = await self.recover(start=False)
+            except DedupError:
+                return  # Redis went away again: the callers' own waits take over
 
     async def repair(self) -> None:
         """Re-seed the shared config where Redis lost it (or holds a malformed value) and
@@ -348,7 +371,10 @@ class Store:
         for grant in grants:
             args += [grant.request_id, grant.token]
         lease_ms, lost, gone = await self._run(
-            "renew", [self.keys.running, self.keys.config], args, client=self.renewer
+            "renew",
+            [self.keys.running, self.keys.config, self.keys.recovered],
+            args,
+            client=self.renewer,
         )
         return int(lease_ms), {x.decode() for x in lost}, {x.decode() for x in gone}
 
@@ -371,7 +397,8 @@ class Store:
                 r.credentials,
                 r.payload,
             ]
-        keys = [self.keys.running, self.keys.config, self.keys.held(self.instance_id)]
+        k = self.keys
+        keys = [k.running, k.config, k.held(self.instance_id), k.recovered]
         lost = await self._run("reclaim", keys, args, client=self.renewer)
         return {x.decode() for x in lost}
 

@@ -557,8 +557,15 @@ class Worker:
         self._renew_now.set()
 
     def renew_now(self) -> None:
-        """Renew every lease at once (Redis lost data: what runs here is re-established)."""
+        """Renew every lease at once (Redis lost data: what runs here is re-established);
+        running nothing, say so at once: grants pause until every live instance has."""
         self._renew_now.set()
+        if not self._leases:
+            self.spawn(self._report_recovered(), "dedupcall-report")
+
+    async def _report_recovered(self) -> None:
+        with contextlib.suppress(RedisUnavailable):
+            await self.store.reclaim([])
 
     async def _renew_loop(self) -> None:
         failing = False

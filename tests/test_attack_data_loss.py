@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections.abc import Callable
 
 import httpx
@@ -89,6 +90,52 @@ async def test_a_flight_lost_with_the_config_intact_never_runs_twice_nor_lifts_t
         assert ran_here == 0
     else:
         assert upstream.peak() == 1  # never two upstream calls at once under max_concurrent=1
+
+
+async def test_grants_stay_paused_until_a_slow_executor_re_established_its_flight(
+    spawn: Spawner,
+    redis_server: EmbeddedServer,
+    namespace: str,
+    upstream: Upstream,
+    make_dedup: Callable[..., Dedup],
+) -> None:
+    # The executor of a flight Redis forgot is slow to notice (frozen here, as under heavy
+    # load) for longer than one renewal interval, but less than a lease: it is alive, so
+    # the key must wait for it, not run a second time once some fixed pause has passed.
+    here = make_dedup(**CONFIG)
+    await here.start()
+    spec = {
+        "url": redis_server.url,
+        "namespace": namespace,
+        "upstream": upstream.url,
+        "config": CONFIG,
+        "keys": ["/slow"],
+        "delay": 4.0,
+        "timeout": 30,
+    }
+    child = spawn("caller.py", json.dumps(spec))
+    while upstream.hits("/value/slow") == 0:
+        await asyncio.sleep(0.01)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    child.kill(signal.SIGSTOP)
+    try:
+        await forget_flight(raw, here, "/slow")
+        ran_here = 0
+
+        async def call() -> str:
+            nonlocal ran_here
+            ran_here += 1
+            return "ran here"
+
+        joined = asyncio.ensure_future(here.call("/slow", call, timeout=30))
+        await asyncio.sleep(1.8)  # past one renewal interval (1 s) and its margin
+        assert not joined.done() and ran_here == 0
+    finally:
+        child.kill(signal.SIGCONT)
+        await raw.aclose()
+    await joined
+    child.json(timeout=30)
+    assert upstream.hits("/value/slow") == 1 and ran_here == 0
 
 
 async def lose(server: EmbeddedServer, how: str) -> None:

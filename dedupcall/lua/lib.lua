@@ -62,6 +62,7 @@ local function load_config()
   local names = {}
   for i, s in ipairs(SHARED) do names[i] = s[1] end
   names[#names + 1] = 'recover_until'
+  names[#names + 1] = 'recover_min'
   local raw = try('HMGET', CONFIG, unpack(names))
   if not raw then return false end
   local c = {}
@@ -70,9 +71,10 @@ local function load_config()
     if v == nil then return false end
     c[s[1]] = v
   end
-  local until_ms = tonumber(raw[#SHARED + 1])
+  local until_ms, min_ms = tonumber(raw[#SHARED + 1]), tonumber(raw[#SHARED + 2])
   c.recover_until = (until_ms and until_ms == until_ms) and until_ms or 0
-  raw[#SHARED + 1] = nil
+  c.recover_min = (min_ms and min_ms == min_ms) and min_ms or 0
+  raw[#SHARED + 1], raw[#SHARED + 2] = nil, nil
   C, C_RAW = c, raw
   return true
 end
@@ -85,19 +87,50 @@ local function retention_ms() return math.floor(C.retention * 1000) end
 -- a third of a lease, in which every live executor re-establishes what it runs
 -- (reclaim.lua), so neither the limit nor once-only is broken by a second run. Every
 -- instance is asked to renew at once.
+-- Redis may have lost flights that still run. Grants pause for at least one renewal
+-- interval (every executor renews, or heartbeats into a registry Redis may have lost, in
+-- that time), then until every live instance has said it re-established what it runs
+-- (renew.lua or reclaim.lua add it to REPORTED, after the PUBLISH below reaches it or its
+-- own renewal finds a flight gone), and never longer than one lease past the last call:
+-- an executor that has not renewed within a lease has lost its lease anyway. Calls during
+-- a pause extend it but keep the answers already given.
+local REPORTED = P .. 'recovered'
 local function recover(now)
-  local until_ms = now + math.floor(lease_ms() / 3) + 250
+  local fresh = now >= C.recover_until
+  local until_ms = now + lease_ms()
   if until_ms > C.recover_until then
     redis.call('HSET', CONFIG, 'recover_until', digits(until_ms))
     C.recover_until = until_ms
   end
-  redis.call('PUBLISH', P .. 'ctl', 'reclaim')
+  if fresh then
+    C.recover_min = now + math.floor(lease_ms() / 3) + 250
+    redis.call('HSET', CONFIG, 'recover_min', digits(C.recover_min))
+    redis.call('DEL', REPORTED)
+    redis.call('PUBLISH', P .. 'ctl', 'reclaim')
+  end
+end
+
+-- This instance has re-established (or still owns) everything it runs. Only while a pause
+-- is under way (no work otherwise); the set lives no longer than a pause can.
+local function report(now)
+  if now < C.recover_until then
+    try('SADD', REPORTED, ME)
+    try('PEXPIRE', REPORTED, lease_ms())
+  end
 end
 
 -- A pause longer than one lease is not one this code wrote (a hand-written value, a
 -- server whose clock went back): ignored, never a namespace stopped.
 local function recovering(now)
-  return now < C.recover_until and C.recover_until - now <= lease_ms()
+  if not (now < C.recover_until and C.recover_until - now <= lease_ms()) then
+    return false
+  end
+  if now < C.recover_min then return true end
+  local alive = try('ZRANGEBYSCORE', I, '(' .. digits(now), '+inf') or {}
+  for _, inst in ipairs(alive) do
+    if try('SISMEMBER', REPORTED, inst) ~= 1 then return true end
+  end
+  return false  -- every live instance has answered: grant again now
 end
 
 -- An instance counts as alive for this long after its heartbeat: never less than a lease,

@@ -2,7 +2,7 @@
 -- data), so waiters join the run in progress instead of starting a second one. A flight
 -- submitted afresh for the same key meanwhile (not running: grants pause while Redis
 -- recovers) is merged into it: its holders move over and its waiters look again.
--- KEYS[1] running  KEYS[2] config  KEYS[3] held:<me>
+-- KEYS[1] running  KEYS[2] config  KEYS[3] held:<me>  KEYS[4] recovered
 -- ARGV[4..] groups of 11: id, token, kind, digest, readable key, attempts, priority,
 --           ttl ms, cache failures 0|1, fingerprint, credential digest, payload (12 values)
 -- returns ids that could not be re-established (another run owns the key) | 'noconfig'
@@ -48,4 +48,5 @@ for i = 4, #ARGV, 12 do
     redis.call('ZADD', R, now + lease, id)
   end
 end
+report(now)  -- with no flights at all: an instance that runs nothing answering a recovery
 return lost

@@ -1,6 +1,6 @@
 -- recover.lua: Redis may have lost data (a waiter found its flight gone without a
--- result). With ARGV[4] = '1', pause grants for one renewal interval while executors
--- re-establish what they run (see recover in lib.lua); with '0', only report a pause
+-- result). With ARGV[4] = '1', pause grants until every live instance has re-established
+-- what it runs, at most one lease (see recover in lib.lua); with '0', only report a pause
 -- under way (a lost shared config, restored before this runs, starts one).
 -- KEYS[1] config
 -- ARGV[4] open 0|1

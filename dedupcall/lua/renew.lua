@@ -4,6 +4,7 @@
 -- returns {lease ms, ids whose lease is lost, ids Redis forgot} | 'noconfig'
 -- A flight with neither record nor result was forgotten by Redis (it lost data): the
 -- executor re-establishes it (reclaim.lua), and grants pause meanwhile (recover).
+-- KEYS[3] recovered (the instances that answered a recovery)
 if not load_config() then return 'noconfig' end
 local lease = lease_ms()
 local now = now_ms()
@@ -18,5 +19,7 @@ for i = 4, #ARGV, 2 do
     lost[#lost + 1] = id
   end
 end
-if #gone > 0 then recover(now) end
+-- Nothing forgotten: this instance's part of a recovery is done. Otherwise it reports
+-- once reclaim.lua has re-established what was forgotten.
+if #gone > 0 then recover(now) else report(now) end
 return { lease, lost, gone }
