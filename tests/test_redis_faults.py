@@ -28,11 +28,14 @@ async def test_redis_restart_mid_flight_every_waiter_answered(
         await asyncio.sleep(0.6)
         return "value"
 
+    await b.start()  # connected before the fault: a call made during it fails fast
     first = [asyncio.create_task(a.call("/restart", slow, timeout=20)) for _ in range(10)]
     while runs == 0:
         await asyncio.sleep(0.01)
     second = [asyncio.create_task(b.call("/restart", slow, timeout=20)) for _ in range(10)]
-    await asyncio.sleep(0.1)
+    # b's callers have joined (both instances hold the flight) before Redis goes away.
+    while (item := await a.get_flight_by_key("/restart")) is None or item.waiters < 2:
+        await asyncio.sleep(0.01)
     server.kill()  # everything in Redis is lost (no persistence)
     await asyncio.sleep(0.3)
     server.restart()
