@@ -83,26 +83,24 @@ local function lease_ms() return math.floor(C.lock_timeout * 1000) end
 local function retention_ms() return math.floor(C.retention * 1000) end
 
 -- After Redis lost data (a restart without persistence, a failover, FLUSHDB), executors
--- still run flights Redis no longer knows. Nothing is granted for one renewal interval,
--- a third of a lease, in which every live executor re-establishes what it runs
--- (reclaim.lua), so neither the limit nor once-only is broken by a second run. Every
--- instance is asked to renew at once.
--- Redis may have lost flights that still run. Grants pause for at least one renewal
--- interval (every executor renews, or heartbeats into a registry Redis may have lost, in
--- that time), then until every live instance has said it re-established what it runs
--- (renew.lua or reclaim.lua add it to REPORTED, after the PUBLISH below reaches it or its
--- own renewal finds a flight gone), and never longer than one lease past the last call:
--- an executor that has not renewed within a lease has lost its lease anyway. Calls during
--- a pause extend it but keep the answers already given.
+-- still run flights Redis no longer knows; each re-establishes its own (reclaim.lua), so
+-- neither the limit nor once-only is broken by a second run. Grants pause for at least
+-- one renewal interval (every executor renews, or heartbeats into a registry Redis may
+-- have lost, in that time), then until every live instance has said it re-established
+-- what it runs (renew.lua or reclaim.lua add it to REPORTED, after the PUBLISH below
+-- reaches it or its own renewal finds a flight gone), and never longer than one lease
+-- past the last call: an executor that has not renewed within a lease has lost its lease
+-- anyway. Calls during a pause extend it but keep the answers already given.
 local REPORTED = P .. 'recovered'
 local function recover(now)
-  local fresh = now >= C.recover_until
+  -- A value past one lease is not a pause this code wrote: replaced, not obeyed.
+  local under_way = now < C.recover_until and C.recover_until - now <= lease_ms()
   local until_ms = now + lease_ms()
-  if until_ms > C.recover_until then
+  if not under_way or until_ms > C.recover_until then
     redis.call('HSET', CONFIG, 'recover_until', digits(until_ms))
     C.recover_until = until_ms
   end
-  if fresh then
+  if not under_way then
     C.recover_min = now + math.floor(lease_ms() / 3) + 250
     redis.call('HSET', CONFIG, 'recover_min', digits(C.recover_min))
     redis.call('DEL', REPORTED)
