@@ -10,6 +10,7 @@ them. ``guard_writes`` gives a redis-py connection class the error it should hav
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from redis.asyncio.connection import AbstractConnection
@@ -30,7 +31,11 @@ def lost_in_transport(exc: BaseException) -> bool:
 
 
 def guard_writes(cls: type[AbstractConnection]) -> type[AbstractConnection]:
-    """``cls`` with ``send_packed_command`` raising ``ConnectionError`` for a lost write."""
+    """``cls`` with ``send_packed_command`` raising ``ConnectionError`` for a lost write;
+    ``cls`` itself before Python 3.12, whose transports have no ``writelines`` of their own
+    (so no command pays for a guard it cannot need)."""
+    if sys.version_info < (3, 12):
+        return cls
     if cls not in _guarded:
 
         async def send_packed_command(self: Any, command: Any, check_health: bool = True) -> None:

@@ -7,8 +7,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from dedupcall import Dedup
+from dedupcall.embedded import EmbeddedServer
 
 # Short leases and fast heartbeats: recovery paths run in about a second.
 FAST = {
@@ -88,3 +90,14 @@ def make_sync_dedup(redis_url: str, namespace: str) -> Iterator[Callable[..., De
     yield make
     for dedup in made:
         dedup.close()
+
+
+async def lose_data(server: EmbeddedServer, how: str) -> None:
+    """Make Redis lose everything: ``"restart"`` (kill, no persistence) or ``"flushdb"``."""
+    if how == "restart":
+        server.kill()
+        server.restart()
+    else:
+        client = aioredis.Redis.from_url(server.url)
+        await client.flushdb()
+        await client.aclose()

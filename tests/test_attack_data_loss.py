@@ -14,6 +14,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from dedup_fixtures import lose_data
 from dedupcall import Dedup
 from dedupcall.embedded import EmbeddedServer
 from procs import Spawner
@@ -138,16 +139,6 @@ async def test_grants_stay_paused_until_a_slow_executor_re_established_its_fligh
     assert upstream.hits("/value/slow") == 1 and ran_here == 0
 
 
-async def lose(server: EmbeddedServer, how: str) -> None:
-    if how == "restart":
-        server.kill()
-        server.restart()
-    else:
-        client = aioredis.Redis.from_url(server.url)
-        await client.flushdb()
-        await client.aclose()
-
-
 @pytest.mark.parametrize("how", ["restart", "flushdb"])
 async def test_a_queued_request_submitted_right_after_a_loss_gets_the_answer(
     how: str,
@@ -167,7 +158,7 @@ async def test_a_queued_request_submitted_right_after_a_loss_gets_the_answer(
     waiting = asyncio.create_task(other.wait_for_result(first, timeout=15))
     while first not in other._notifier._watchers and not waiting.done():  # looked once
         await asyncio.sleep(0.01)
-    await lose(server, how)
+    await lose_data(server, how)
     # Submitted again while the executor re-establishes its run: it joins that run (or
     # runs once more after it), and its caller gets an answer either way.
     again = await other.add_get_request("/report", url)
@@ -191,7 +182,7 @@ async def test_a_waiter_arriving_right_after_a_loss_is_not_told_its_request_is_u
     rid = await runner.add_get_request("/slow", f"{upstream.url}/slow?delay=1.5")
     while upstream.hits("/slow") == 0:
         await asyncio.sleep(0.01)
-    await lose(server, "flushdb")
+    await lose_data(server, "flushdb")
     # The request still runs and is re-established at its executor's next renewal: a
     # client polling for it right now must get its answer, not "never queued".
     result = await other.wait_for_result(rid, timeout=15)

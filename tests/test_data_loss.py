@@ -12,6 +12,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from dedup_fixtures import lose_data
 from dedupcall import Config, Dedup
 from dedupcall.codec import key_digest
 from dedupcall.config import encode_shared
@@ -23,16 +24,6 @@ from procs import Spawner
 from upstream import Upstream
 
 FAULTY = {"socket_timeout": 1.0, "lock_timeout": 1.0, "poll_interval": 0.3}
-
-
-async def lose_data(server: EmbeddedServer, how: str) -> None:
-    if how == "restart":
-        server.kill()  # no persistence: everything is gone
-        server.restart()
-    else:
-        client = aioredis.Redis.from_url(server.url)
-        await client.flushdb()
-        await client.aclose()
 
 
 @pytest.mark.parametrize("how", ["restart", "flushdb"])
